@@ -1,0 +1,456 @@
+"""The `seat-sync` command: run the processes, sync on demand, and query the mirror."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import enum
+import json
+import sys
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from datetime import UTC, datetime
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import structlog
+import typer
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import func, select
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlmodel import col
+
+from worker import logs
+from worker.config import ConfigError, Settings, load_settings
+from worker.db import is_sqlite, redacted, sqlite_path
+from worker.embedded import EmbeddedRedis, ping, socket_url
+from worker.migrate import SchemaBehind, check_schema, upgrade
+from worker.models import Seat, seat_json
+from worker.polar import AuthError, PolarError, RateLimited
+from worker.reconcile import SeatDiff
+from worker.services import Services
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    name="seat-sync",
+    help="Keep a local SQL mirror of Polar customer seats true, and query it.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Database schema commands.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+out = Console()
+err = Console(stderr=True)
+log = structlog.get_logger("worker.cli")
+
+EXIT_ERROR = 1
+EXIT_CONFIG = 2
+
+
+class OutputFormat(enum.StrEnum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+    ndjson = "ndjson"
+
+
+def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def settings_or_exit() -> Settings:
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        fail(str(exc), EXIT_CONFIG)
+    logs.configure(log_format=settings.log_format, level=settings.log_level)
+    return settings
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a command's coroutine, turning known failures into one clear line."""
+    try:
+        return asyncio.run(coro)
+    except ConfigError as exc:
+        fail(str(exc), EXIT_CONFIG)
+    except SchemaBehind as exc:
+        fail(str(exc))
+    except AuthError as exc:
+        fail(str(exc))
+    except PolarError as exc:
+        fail(str(exc))
+    except (OperationalError, DBAPIError) as exc:
+        fail(f"database error: {str(exc.orig or exc).splitlines()[0]}")
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+async def resolve_redis_url(
+    settings: Settings, *, start: bool
+) -> tuple[str | None, EmbeddedRedis | None]:
+    """REDIS_URL when set; else the private Redis (started when `start`, reused if running)."""
+    if settings.redis_url is not None:
+        return settings.redis_url, None
+    if start:
+        embedded = EmbeddedRedis(settings.data_dir)
+        return await embedded.start(), embedded
+    url = socket_url(settings.data_dir)
+    return (url, None) if await ping(url) else (None, None)
+
+
+async def prepare_database(settings: Settings) -> None:
+    """The embedded SQLite default upgrades itself; other databases need `db upgrade`."""
+    if is_sqlite(settings.database_url):
+        await asyncio.to_thread(upgrade, settings.database_url)
+
+
+def require_database_file(settings: Settings) -> None:
+    if is_sqlite(settings.database_url):
+        path = sqlite_path(settings.database_url)
+        if path is not None and not path.exists():
+            fail(
+                f"no database at {path}: run `seat-sync db upgrade` (or `seat-sync run`) to "
+                "create it, or set DATABASE_URL"
+            )
+
+
+# --- processes ----------------------------------------------------------------------------
+
+
+async def _run_forever(tasks: Sequence[Callable[[], Coroutine[Any, Any, None]]]) -> None:
+    """Run long-lived parts together; the first to fail or finish stops the others."""
+    async with asyncio.TaskGroup() as group:
+        for task in tasks:
+            group.create_task(task())
+
+
+async def _worker_main(settings: Settings, *, with_web: bool, host: str, port: int) -> None:
+    from worker.jobs import build_worker
+
+    redis_url, embedded = await resolve_redis_url(settings, start=True)
+    assert redis_url is not None
+    try:
+        await prepare_database(settings)
+        services = await Services.start(settings, redis_url=None, polar=False)
+        try:
+            await check_schema(services.engine)
+        finally:
+            await services.close()
+        worker = build_worker(settings, redis_url, handle_signals=False)
+        parts: list[Callable[[], Coroutine[Any, Any, None]]] = [worker.async_run]
+        if with_web:
+            from worker.webhooks import serve
+
+            async def web() -> None:
+                await serve(settings, host=host, port=port, redis_url=redis_url)
+
+            parts.append(web)
+        log.info(
+            "seat_sync_started",
+            database=redacted(settings.database_url),
+            redis="embedded" if embedded else "external",
+            web=f"http://{host}:{port}" if with_web else None,
+        )
+        try:
+            await _run_forever(parts)
+        finally:
+            await worker.close()
+    finally:
+        if embedded is not None:
+            await embedded.stop()
+
+
+def default_port() -> int:
+    import os
+
+    raw = os.environ.get("PORT", "8000")
+    try:
+        return int(raw)
+    except ValueError:
+        fail(f"PORT: not a number: {raw!r}", EXIT_CONFIG)
+
+
+@app.command()
+def run(
+    host: Annotated[
+        str, typer.Option(help="Address the webhook receiver listens on.")
+    ] = "127.0.0.1",
+    port: Annotated[
+        int | None, typer.Option(help="Receiver port (default: $PORT or 8000).")
+    ] = None,
+) -> None:
+    """Run everything in one process tree: private Redis (unless REDIS_URL), worker, receiver."""
+    settings = settings_or_exit()
+    settings.require_token()
+    settings.require_webhook_secret()
+    run_async(_worker_main(settings, with_web=True, host=host, port=port or default_port()))
+
+
+@app.command()
+def worker() -> None:
+    """Run only the queue worker (sync jobs, sweeps, cron)."""
+    settings = settings_or_exit()
+    settings.require_token()
+    run_async(_worker_main(settings, with_web=False, host="", port=0))
+
+
+@app.command()
+def web(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int | None, typer.Option(help="Port (default: $PORT or 8000).")] = None,
+) -> None:
+    """Run only the webhook receiver."""
+    settings = settings_or_exit()
+    settings.require_webhook_secret()
+
+    async def main() -> None:
+        from worker.webhooks import serve
+
+        redis_url, _ = await resolve_redis_url(settings, start=False)
+        await serve(settings, host=host, port=port or default_port(), redis_url=redis_url)
+
+    run_async(main())
+
+
+@app.command()
+def simulator(
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8900,
+    token: Annotated[
+        str, typer.Option(help="Access token the simulator accepts.")
+    ] = "polar_oat_simulated",  # noqa: S107 - the simulator's public demo token
+    webhook_url: Annotated[str | None, typer.Option(help="Deliver signed webhooks here.")] = None,
+    webhook_secret: Annotated[str | None, typer.Option(envvar="POLAR_WEBHOOK_SECRET")] = None,
+    rate_limit: Annotated[int, typer.Option(help="Requests per window per organisation.")] = 500,
+    rate_window: Annotated[float, typer.Option(help="Rate-limit window in seconds.")] = 60.0,
+    latency: Annotated[float, typer.Option(help="Added latency per request, seconds.")] = 0.0,
+    seed: Annotated[int, typer.Option()] = 0,
+    subscriptions: Annotated[int, typer.Option(help="Seat-based subscriptions to create.")] = 0,
+    orders: Annotated[int, typer.Option(help="Seat-based orders to create.")] = 0,
+) -> None:
+    """Run the simulated Polar API (loopback only) for demos, tests and benchmarks."""
+    from worker.simulator.server import run_simulator
+
+    logs.configure(log_format="auto")
+    run_simulator(
+        host,
+        port,
+        token=token,
+        webhook_url=webhook_url,
+        webhook_secret=webhook_secret,
+        rate_limit=rate_limit,
+        rate_window=rate_window,
+        latency=latency,
+        seed=seed,
+        seed_subscriptions=subscriptions,
+        seed_orders=orders,
+    )
+
+
+# --- sync on demand -----------------------------------------------------------------------
+
+
+async def with_polar_retries(call: Callable[[], Awaitable[T]], *, attempts: int = 6) -> T:
+    """For commands run by a person: wait out 429s and retry transient failures."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return await call()
+        except RateLimited as exc:
+            if attempt == attempts:
+                raise
+            err.print(f"rate limited by Polar; waiting {exc.retry_after:g}s", highlight=False)
+            await asyncio.sleep(exc.retry_after)
+        except PolarError as exc:
+            if not exc.retryable or attempt == attempts:
+                raise
+            delay = min(30.0, 2.0 ** (attempt - 1))
+            err.print(f"{exc}; retrying in {delay:g}s", highlight=False)
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def print_changes(changes: Sequence[SeatDiff]) -> None:
+    if not changes:
+        out.print("no changes")
+        return
+    table = Table("seat", "change", "status", "holder")
+    for c in changes:
+        status = f"{c.old_status or '-'} -> {c.new_status or '-'}"
+        holder = f"{c.old_email or '-'} -> {c.new_email or '-'}"
+        table.add_row(c.seat_id, c.change, status, holder)
+    out.print(table)
+
+
+@app.command()
+def resync(
+    subscription: Annotated[
+        str | None, typer.Option("--subscription", help="Subscription id.")
+    ] = None,
+    order: Annotated[str | None, typer.Option("--order", help="Order id.")] = None,
+) -> None:
+    """Sync one subscription or order now and print what changed."""
+    if (subscription is None) == (order is None):
+        fail("give exactly one of --subscription ID or --order ID", EXIT_CONFIG)
+    kind, scope_id = ("subscription", subscription) if subscription else ("order", order)
+    assert scope_id is not None
+    settings = settings_or_exit()
+    settings.require_token()
+
+    async def main() -> None:
+        from worker import sync
+
+        await prepare_database(settings)
+        redis_url, _ = await resolve_redis_url(settings, start=False)
+        services = await Services.start(settings, redis_url=redis_url)
+        try:
+            await check_schema(services.engine)
+            outcome = await with_polar_retries(
+                lambda: sync.sync_scope(
+                    services, kind=kind, scope_id=scope_id, trigger="cli", lane="interactive"
+                )
+            )
+        finally:
+            await services.close()
+        if outcome.status == "gone":
+            fail(f"{kind} {scope_id} was not found in Polar (404); its seats stay in the mirror")
+        result = outcome.result
+        assert result is not None
+        out.print(
+            f"{kind} {scope_id}: {result.inserted} inserted, {result.updated} updated, "
+            f"{result.unchanged} unchanged, {result.gone} gone "
+            f"({result.total_seats} seats, {result.available_seats} available)",
+            highlight=False,
+        )
+        print_changes(result.changes)
+
+    run_async(main())
+
+
+# --- queries ------------------------------------------------------------------------------
+
+SEAT_TABLE_COLUMNS = (
+    "id",
+    "status",
+    "email",
+    "subscription_id",
+    "order_id",
+    "member_id",
+    "invitation_token_expires_at",
+    "claimed_at",
+    "revoked_at",
+)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True)
+    return str(value)
+
+
+def emit_rows(
+    rows: list[dict[str, Any]], fmt: OutputFormat, *, columns: Sequence[str], title: str
+) -> None:
+    """Table on a terminal; JSON (a list), NL-JSON or CSV for scripts."""
+    if fmt is OutputFormat.json:
+        sys.stdout.write(json.dumps(rows, indent=2, default=str) + "\n")
+    elif fmt is OutputFormat.ndjson:
+        for row in rows:
+            sys.stdout.write(json.dumps(row, default=str) + "\n")
+    elif fmt is OutputFormat.csv:
+        flat = [_flatten(r) for r in rows]
+        fields: list[str] = list(flat[0].keys()) if flat else list(columns)
+        writer = csv.DictWriter(sys.stdout, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for row in flat:
+            writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    else:
+        table = Table(*columns, title=title)
+        for row in rows:
+            table.add_row(*(_cell(row.get(c)) for c in columns))
+        out.print(table)
+
+
+def _flatten(row: dict[str, Any]) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in row.items():
+        if key == "member":
+            for mk in (
+                "created_at",
+                "modified_at",
+                "customer_id",
+                "email",
+                "name",
+                "external_id",
+                "role",
+            ):
+                flat[f"member_{mk}"] = value.get(mk) if isinstance(value, dict) else None
+        elif isinstance(value, dict):
+            flat[key] = json.dumps(value, sort_keys=True)
+        else:
+            flat[key] = value
+    return flat
+
+
+@app.command()
+def seats(
+    subscription: Annotated[str | None, typer.Option("--subscription")] = None,
+    order: Annotated[str | None, typer.Option("--order")] = None,
+    status: Annotated[
+        str | None, typer.Option("--status", help="pending, claimed or revoked.")
+    ] = None,
+    email: Annotated[str | None, typer.Option("--email")] = None,
+    fmt: Annotated[
+        OutputFormat, typer.Option("--format", help="table, json, csv or ndjson.")
+    ] = OutputFormat.table,
+) -> None:
+    """List mirrored seats (JSON: every CustomerSeat key)."""
+    if status is not None and status not in ("pending", "claimed", "revoked"):
+        fail("--status must be pending, claimed or revoked", EXIT_CONFIG)
+    settings = settings_or_exit()
+    require_database_file(settings)
+
+    async def main() -> list[dict[str, Any]]:
+        services = await Services.start(settings, redis_url=None, polar=False, read_only=True)
+        try:
+            await check_schema(services.engine)
+            query = select(Seat).order_by(
+                col(Seat.subscription_id), col(Seat.order_id), col(Seat.created_at), col(Seat.id)
+            )
+            if subscription is not None:
+                query = query.where(col(Seat.subscription_id) == subscription)
+            if order is not None:
+                query = query.where(col(Seat.order_id) == order)
+            if status is not None:
+                query = query.where(col(Seat.status) == status)
+            if email is not None:
+                query = query.where(func.lower(col(Seat.email)) == email.strip().lower())
+            async with services.sessions() as session:
+                found = (await session.execute(query)).scalars().all()
+            return [seat_json(s) for s in found]
+        finally:
+            await services.close()
+
+    rows = run_async(main())
+    emit_rows(rows, fmt, columns=SEAT_TABLE_COLUMNS, title=f"{len(rows)} seats")
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
+    """Migrate the database at DATABASE_URL to the latest schema."""
+    settings = settings_or_exit()
+    try:
+        upgrade(settings.database_url, revision)
+    except (OperationalError, DBAPIError) as exc:
+        fail(f"database error: {str(exc.orig or exc).splitlines()[0]}")
+    out.print(f"database {redacted(settings.database_url)} is at {revision}", highlight=False)
+
+
+def main() -> None:
+    app()

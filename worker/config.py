@@ -1,0 +1,141 @@
+"""Settings for every seat-sync process, read from the environment and validated at startup."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_SQLITE_FILE = "seat-sync.db"
+
+
+class ConfigError(Exception):
+    """A setting is missing or invalid; the message names the environment variable."""
+
+
+def _is_loopback_host(host: str | None) -> bool:
+    if not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class Settings(BaseSettings):
+    """One place for configuration: environment variables only, secrets as SecretStr."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="", case_sensitive=False, extra="ignore", validate_default=True
+    )
+
+    polar_access_token: SecretStr | None = None
+    polar_api_url: str = "https://api.polar.sh"
+    polar_webhook_secret: SecretStr | None = None
+    polar_allow_insecure_url: bool = False
+    polar_timeout_seconds: float = Field(default=15.0, gt=0)
+    polar_requests_per_minute: int = Field(default=400, gt=0)
+
+    database_url: str = ""
+    redis_url: str | None = None
+    data_dir: Path = Path(".seat-sync")
+
+    sync_max_tries: int = Field(default=8, ge=1)
+    resync_interval_minutes: int = Field(default=360, gt=0)
+    remind_interval_minutes: int = Field(default=15, gt=0)
+    remind_window_hours: float = Field(default=6.0, gt=0)
+    renew_expired_invitations: bool = False
+    renew_max_per_recipient: int = Field(default=1, ge=0)
+
+    log_format: str = Field(default="auto", pattern="^(auto|json|console)$")
+    log_level: str = "INFO"
+
+    @field_validator("polar_api_url")
+    @classmethod
+    def _strip_url(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http(s) URL such as https://api.polar.sh")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            return f"sqlite+aiosqlite:///{Path.cwd() / DEFAULT_SQLITE_FILE}"
+        scheme = value.split("://", 1)[0].lower()
+        if scheme not in {
+            "sqlite",
+            "sqlite+aiosqlite",
+            "postgres",
+            "postgresql",
+            "postgresql+asyncpg",
+        }:
+            raise ValueError(
+                "must start with sqlite://, sqlite+aiosqlite://, postgres://, "
+                "postgresql:// or postgresql+asyncpg://"
+            )
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _blank_redis_is_unset(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _https_unless_loopback(self) -> Settings:
+        parts = urlsplit(self.polar_api_url)
+        if (
+            parts.scheme != "https"
+            and not _is_loopback_host(parts.hostname)
+            and not self.polar_allow_insecure_url
+        ):
+            raise ValueError(
+                "POLAR_API_URL must use https unless it points at loopback "
+                "(set POLAR_ALLOW_INSECURE_URL=true to override)"
+            )
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    def require_token(self) -> SecretStr:
+        if self.polar_access_token is None or not self.polar_access_token.get_secret_value():
+            raise ConfigError(
+                "POLAR_ACCESS_TOKEN is not set: create an organization access token with "
+                "customer_seats:read, customer_seats:write, subscriptions:read and orders:read"
+            )
+        return self.polar_access_token
+
+    def require_webhook_secret(self) -> SecretStr:
+        if self.polar_webhook_secret is None or not self.polar_webhook_secret.get_secret_value():
+            raise ConfigError(
+                "POLAR_WEBHOOK_SECRET is not set: copy the secret Polar shows for the endpoint"
+            )
+        return self.polar_webhook_secret
+
+
+def load_settings() -> Settings:
+    """Read the environment; on a bad value raise ConfigError naming the variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = [str(p) for p in err.get("loc", ()) if p != "__root__"]
+            name = loc[0].upper() if loc else ""
+            msg = err.get("msg", "invalid").removeprefix("Value error, ")
+            problems.append(f"{name}: {msg}" if name else msg)
+        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None

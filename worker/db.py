@@ -1,0 +1,157 @@
+"""Database engine and sessions from DATABASE_URL (SQLite: WAL, busy timeout, locking begin)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+T = TypeVar("T")
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def async_url(url: str) -> str:
+    """Turn any accepted DATABASE_URL spelling into the async driver SQLAlchemy needs."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ValueError("DATABASE_URL has no scheme")
+    scheme = scheme.lower()
+    if scheme in ("sqlite", "sqlite+aiosqlite"):
+        return f"sqlite+aiosqlite://{rest}"
+    if scheme in ("postgres", "postgresql", "postgresql+asyncpg"):
+        return f"postgresql+asyncpg://{rest}"
+    raise ValueError(f"unsupported DATABASE_URL scheme {scheme!r}")
+
+
+def is_sqlite(url: str) -> bool:
+    return url.lower().startswith("sqlite")
+
+
+def redacted(url: str) -> str:
+    """The URL with any password masked, for logs and messages."""
+    try:
+        return make_url(async_url(url)).render_as_string(hide_password=True)
+    except Exception:  # only used for display
+        return "<unparseable DATABASE_URL>"
+
+
+def sqlite_path(url: str) -> Path | None:
+    database = make_url(async_url(url)).database
+    if not database or database == ":memory:":
+        return None
+    return Path(database)
+
+
+def create_engine(url: str, *, read_only: bool = False, pool_size: int = 5) -> AsyncEngine:
+    """An engine for DATABASE_URL. Created at startup, disposed at shutdown (no I/O at import)."""
+    full = async_url(url)
+    if is_sqlite(full):
+        connect_args: dict[str, Any] = {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
+        path = sqlite_path(full)
+        if read_only and path is not None:
+            connect_args["uri"] = True
+            full = f"sqlite+aiosqlite:///file:{path}?mode=ro&uri=true"
+        elif path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(full, connect_args=connect_args)
+        _configure_sqlite(engine, read_only=read_only)
+        return engine
+    return create_async_engine(
+        full,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        connect_args={
+            "server_settings": {
+                "application_name": "seat-sync",
+                **({"default_transaction_read_only": "on"} if read_only else {}),
+            }
+        },
+    )
+
+
+def _configure_sqlite(engine: AsyncEngine, *, read_only: bool) -> None:
+    sync_engine = engine.sync_engine
+
+    @event.listens_for(sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take transactions into our own hands so that writers can BEGIN IMMEDIATE.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        if not read_only:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.close()
+
+    @event.listens_for(sync_engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        # A deferred transaction that later writes can fail with "database is locked"
+        # without waiting; taking the write lock up front makes writers queue instead.
+        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+
+def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
+
+
+@asynccontextmanager
+async def transaction(
+    sessions: async_sessionmaker[AsyncSession],
+) -> AsyncIterator[AsyncSession]:
+    """One unit of work: commit on success, roll back on error. Only boundaries call this."""
+    async with sessions() as session, session.begin():
+        yield session
+
+
+def is_retryable_db_error(exc: BaseException) -> bool:
+    """Lock timeouts, deadlocks, serialization failures and dropped connections."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    text = str(exc).lower()
+    markers = (
+        "database is locked",
+        "deadlock detected",
+        "could not serialize",
+        "connection was closed",
+        "connection refused",
+        "connection is closed",
+        "terminating connection",
+        "cannot connect",
+    )
+    return isinstance(exc, OperationalError | DBAPIError | OSError) and any(
+        m in text for m in markers
+    )
+
+
+async def retry_transaction(
+    sessions: async_sessionmaker[AsyncSession],
+    work: Callable[[AsyncSession], Awaitable[T]],
+    *,
+    attempts: int = 5,
+    base_delay: float = 0.05,
+) -> T:
+    """Run `work` in a transaction, retrying it whole on lock or deadlock errors."""
+    for attempt in range(1, attempts + 1):
+        try:
+            async with transaction(sessions) as session:
+                return await work(session)
+        except (OperationalError, DBAPIError) as exc:
+            if attempt == attempts or not is_retryable_db_error(exc):
+                raise
+            await asyncio.sleep(base_delay * 2 ** (attempt - 1))
+    raise AssertionError("unreachable")

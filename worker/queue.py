@@ -1,0 +1,78 @@
+"""The only module that knows job names, job ids and the Redis keys that coalesce syncs.
+
+Coalescing without loss: a scope has at most one sync job *waiting* at any time (the
+`queued` flag, set with NX). A job clears the flag before it fetches, so an event recorded
+while the job runs enqueues exactly one follow-up job, whose fetch starts after that event.
+Hence: after the last event of a burst the mirror reflects a fetch that started after it,
+and a burst costs at most two list calls per scope (the running one and one follow-up).
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from arq.connections import ArqRedis, RedisSettings
+
+QUEUE_NAME = "seat-sync:queue"
+QUEUED_FLAG_TTL_S = 300  # a lost job (Redis restarted between flag and enqueue) self-heals
+
+SYNC_SCOPE = "sync_scope"
+SWEEP_INBOX = "sweep_inbox"
+RESYNC_ALL = "resync_all"
+REMIND_EXPIRING = "remind_expiring"
+
+
+def redis_settings(url: str) -> RedisSettings:
+    settings = RedisSettings.from_dsn(url)
+    settings.conn_timeout = 2
+    settings.conn_retries = 2
+    settings.conn_retry_delay = 1
+    return settings
+
+
+def queued_key(kind: str, scope_id: str) -> str:
+    return f"seat-sync:queued:{kind}:{scope_id}"
+
+
+async def request_sync(
+    redis: ArqRedis, kind: str, scope_id: str, *, trigger: str = "webhook"
+) -> bool:
+    """Make sure a sync of the scope will start after now. True when a job was enqueued,
+    False when one is already waiting (it will start later, so it covers this request)."""
+    key = queued_key(kind, scope_id)
+    if not await redis.set(key, trigger, nx=True, ex=QUEUED_FLAG_TTL_S):
+        return False
+    try:
+        await redis.enqueue_job(
+            SYNC_SCOPE,
+            kind=kind,
+            scope_id=scope_id,
+            trigger=trigger,
+            _job_id=f"sync:{kind}:{scope_id}:{uuid.uuid4().hex}",
+            _queue_name=QUEUE_NAME,
+        )
+    except BaseException:
+        await _forget_flag(redis, key)
+        raise
+    return True
+
+
+async def _forget_flag(redis: ArqRedis, key: str) -> None:
+    try:
+        await redis.delete(key)
+    except Exception:  # Redis is probably down; the flag's TTL expires it
+        return
+
+
+async def sync_started(redis: ArqRedis, kind: str, scope_id: str) -> None:
+    """Called by the job before it fetches: later events must enqueue a follow-up."""
+    await redis.delete(queued_key(kind, scope_id))
+
+
+async def enqueue_unique(redis: ArqRedis, function: str, **kwargs: Any) -> bool:
+    """Enqueue a singleton job (sweep, full resync) unless one is already waiting."""
+    job = await redis.enqueue_job(
+        function, _job_id=f"{function}:singleton", _queue_name=QUEUE_NAME, **kwargs
+    )
+    return job is not None

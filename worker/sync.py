@@ -1,0 +1,141 @@
+"""Sync one scope: fetch Polar's authoritative seat list, reconcile it, record a sync_run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import structlog
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from worker.db import retry_transaction, transaction
+from worker.models import SyncRun, utcnow
+from worker.polar import Lane, NotFound, PolarError, SeatsList
+from worker.reconcile import ReconcileResult, mark_scope_gone, reconcile_scope, record_failure
+from worker.services import Services
+
+log = structlog.get_logger("worker.sync")
+
+
+@dataclass
+class SyncOutcome:
+    run_id: int
+    kind: str
+    scope_id: str
+    status: str  # ok | stale | gone | failed
+    result: ReconcileResult | None
+
+
+async def _start_run(
+    services: Services, *, kind: str, scope_id: str, trigger: str, job_id: str | None
+) -> int:
+    async def work(session: AsyncSession) -> int:
+        run = SyncRun(
+            kind="scope",
+            trigger=trigger,
+            scope_kind=kind,
+            scope_id=scope_id,
+            started_at=utcnow(),
+            job_id=job_id,
+            api_calls=1,
+        )
+        session.add(run)
+        await session.flush()
+        assert run.id is not None
+        return run.id
+
+    return await retry_transaction(services.sessions, work)
+
+
+async def _finish_failed(
+    services: Services, *, run_id: int, kind: str, scope_id: str, error: str
+) -> None:
+    async def work(session: AsyncSession) -> None:
+        now = utcnow()
+        await record_failure(session, kind=kind, scope_id=scope_id, error=error, now=now)
+        run = await session.get(SyncRun, run_id)
+        if run is not None:
+            run.status, run.error, run.finished_at, run.errors = "failed", error[:2000], now, 1
+
+    await retry_transaction(services.sessions, work)
+
+
+async def sync_scope(
+    services: Services,
+    *,
+    kind: str,
+    scope_id: str,
+    trigger: str = "manual",
+    lane: Lane = "webhook",
+    job_id: str | None = None,
+) -> SyncOutcome:
+    """Fetch, then reconcile in one transaction. Polar errors are recorded and re-raised."""
+    bound = log.bind(scope_kind=kind, scope_id=scope_id, trigger=trigger, job_id=job_id)
+    polar = services.require_polar()
+    run_id = await _start_run(
+        services, kind=kind, scope_id=scope_id, trigger=trigger, job_id=job_id
+    )
+    fetch_started_at = utcnow()
+    try:
+        seats: SeatsList = await polar.list_scope_seats(kind, scope_id, lane=lane)
+    except NotFound:
+
+        async def gone(session: AsyncSession) -> None:
+            now = utcnow()
+            await mark_scope_gone(
+                session,
+                kind=kind,
+                scope_id=scope_id,
+                fetch_started_at=fetch_started_at,
+                now=now,
+                sync_run_id=run_id,
+            )
+            run = await session.get(SyncRun, run_id)
+            if run is not None:
+                run.status, run.finished_at, run.error = "gone", now, "not found in Polar (404)"
+
+        await retry_transaction(services.sessions, gone)
+        bound.warning("scope_gone")
+        return SyncOutcome(run_id, kind, scope_id, "gone", None)
+    except PolarError as exc:
+        await _finish_failed(services, run_id=run_id, kind=kind, scope_id=scope_id, error=str(exc))
+        bound.warning("sync_failed", error=str(exc), error_class=type(exc).__name__)
+        raise
+
+    async def apply(session: AsyncSession) -> ReconcileResult:
+        now = utcnow()
+        result = await reconcile_scope(
+            session,
+            kind=kind,
+            scope_id=scope_id,
+            seats=seats,
+            fetch_started_at=fetch_started_at,
+            now=now,
+            sync_run_id=run_id,
+        )
+        run = await session.get(SyncRun, run_id)
+        if run is not None:
+            run.status = "stale" if result.stale else "ok"
+            run.finished_at = now
+            run.scopes_seen = 1
+            run.inserted, run.updated = result.inserted, result.updated
+            run.unchanged, run.gone = result.unchanged, result.gone
+        return result
+
+    result = await retry_transaction(services.sessions, apply)
+    status = "stale" if result.stale else "ok"
+    bound.info(
+        "scope_synced",
+        status=status,
+        inserted=result.inserted,
+        updated=result.updated,
+        unchanged=result.unchanged,
+        gone=result.gone,
+        seats=len(seats.seats),
+    )
+    return SyncOutcome(run_id, kind, scope_id, status, result)
+
+
+async def open_session_check(services: Services) -> None:
+    """Fail fast when the database cannot be reached."""
+    async with transaction(services.sessions) as session:
+        await session.connection()
