@@ -46,6 +46,7 @@ class Settings(BaseSettings):
     data_dir: Path = Path(".seat-sync")
 
     sync_max_tries: int = Field(default=8, ge=1)
+    sync_retry_base_seconds: float = Field(default=1.0, gt=0)
     resync_interval_minutes: int = Field(default=360, gt=0)
     remind_interval_minutes: int = Field(default=15, gt=0)
     remind_window_hours: float = Field(default=6.0, gt=0)

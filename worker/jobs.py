@@ -22,10 +22,10 @@ log = structlog.get_logger("worker.jobs")
 Ctx = dict[str, Any]
 
 
-def backoff_seconds(job_try: int, *, cap: float = 120.0) -> float:
-    """Exponential backoff with full jitter: 1-2 s, 2-4 s, 4-8 s ... up to `cap`."""
-    base = min(cap, 2.0 ** max(0, job_try - 1))
-    return base + random.uniform(0, base)
+def backoff_seconds(job_try: int, *, base: float = 1.0, cap: float = 120.0) -> float:
+    """Exponential backoff with jitter: 1-2 s, 2-4 s, 4-8 s ... (times `base`) up to `cap`."""
+    delay = min(cap, base * 2.0 ** max(0, job_try - 1))
+    return delay + random.uniform(0, delay)
 
 
 async def sync_scope(ctx: Ctx, *, kind: str, scope_id: str, trigger: str = "webhook") -> str:
@@ -48,7 +48,7 @@ async def sync_scope(ctx: Ctx, *, kind: str, scope_id: str, trigger: str = "webh
         bound.warning("sync_rate_limited", retry_after=exc.retry_after)
         raise Retry(defer=exc.retry_after + random.uniform(0, 2)) from None
     except TransientError as exc:
-        defer = backoff_seconds(job_try)
+        defer = backoff_seconds(job_try, base=services.settings.sync_retry_base_seconds)
         bound.warning("sync_retry", error=str(exc), defer=round(defer, 2))
         raise Retry(defer=defer) from None
     except AuthError as exc:
@@ -57,7 +57,7 @@ async def sync_scope(ctx: Ctx, *, kind: str, scope_id: str, trigger: str = "webh
     except (OperationalError, DBAPIError, OSError) as exc:
         if not is_retryable_db_error(exc) and not isinstance(exc, OSError):
             raise
-        defer = backoff_seconds(job_try)
+        defer = backoff_seconds(job_try, base=services.settings.sync_retry_base_seconds)
         bound.warning("sync_db_unavailable", error=type(exc).__name__, defer=round(defer, 2))
         raise Retry(defer=defer) from None
     return outcome.status
