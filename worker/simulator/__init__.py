@@ -1,0 +1,1 @@
+"""Simulated Polar.sh API and signed webhooks for tests, the demo and benchmarks."""
