@@ -112,6 +112,8 @@ def make_settings(database_url: str, sim: SimulatedPolar | None = None, **extra:
         "polar_api_url": sim.base_url if sim is not None else "http://127.0.0.1:9",
         "polar_webhook_secret": WEBHOOK_SECRET,
         "polar_timeout_seconds": 3.0,
+        # Tests that are about the budget set their own; the rest must not wait on it.
+        "polar_requests_per_minute": 1_000_000,
         "log_format": "json",
     }
     values.update(extra)

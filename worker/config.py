@@ -40,6 +40,8 @@ class Settings(BaseSettings):
     polar_allow_insecure_url: bool = False
     polar_timeout_seconds: float = Field(default=15.0, gt=0)
     polar_requests_per_minute: int = Field(default=400, gt=0)
+    # The window POLAR_REQUESTS_PER_MINUTE applies to; only tests and benchmarks change it.
+    polar_rate_window_seconds: float = Field(default=60.0, gt=0)
 
     database_url: str = ""
     redis_url: str | None = None
@@ -47,9 +49,12 @@ class Settings(BaseSettings):
 
     sync_max_tries: int = Field(default=8, ge=1)
     sync_retry_base_seconds: float = Field(default=1.0, gt=0)
-    resync_interval_minutes: int = Field(default=360, gt=0)
-    remind_interval_minutes: int = Field(default=15, gt=0)
+    resync_interval_minutes: float = Field(default=360, gt=0)
+    resync_concurrency: int = Field(default=4, ge=1, le=32)
+    remind_interval_minutes: float = Field(default=15, gt=0)
     remind_window_hours: float = Field(default=6.0, gt=0)
+    # A batch of reminders is spread over up to this many seconds, with jitter.
+    remind_spread_seconds: float = Field(default=60.0, ge=0)
     renew_expired_invitations: bool = False
     renew_max_per_recipient: int = Field(default=1, ge=0)
 

@@ -18,6 +18,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
 )
 from sqlalchemy.engine import Dialect
 from sqlmodel import Field, SQLModel
@@ -165,6 +166,74 @@ class SyncRun(SQLModel, table=True):
     errors: int = 0
     error: str | None = Field(default=None, sa_column=Column(Text))
     job_id: str | None = Field(default=None, max_length=128)
+    # Full passes only: where discovery stopped (JSON), so a killed pass resumes.
+    progress: str | None = Field(default=None, sa_column=Column(Text))
+    heartbeat_at: datetime | None = _ts()
+
+
+class ResyncItem(SQLModel, table=True):
+    """One scope a full pass must sync; `done_at` set when it was synced (or skipped)."""
+
+    __tablename__ = "resync_item"
+    __table_args__ = (Index("ix_resync_item_open", "run_id", "done_at"),)
+
+    run_id: int = Field(primary_key=True)
+    kind: str = Field(primary_key=True, max_length=16)
+    scope_id: str = Field(primary_key=True, max_length=64)
+    done_at: datetime | None = _ts()
+    outcome: str | None = Field(default=None, max_length=16)  # ok | stale | skipped | gone | failed
+
+
+class InvitationReminder(SQLModel, table=True):
+    """One resend per invitation: the row is claimed before the call, so never twice."""
+
+    __tablename__ = "invitation_reminder"
+    __table_args__ = (
+        UniqueConstraint("seat_id", "invitation_expires_at", name="uq_reminder_invitation"),
+    )
+
+    id: int | None = Field(
+        default=None,
+        sa_column=Column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
+    )
+    seat_id: str = Field(max_length=64, index=True)
+    scope_kind: str = Field(max_length=16)
+    scope_id: str = Field(max_length=64)
+    recipient: str = Field(max_length=320)
+    invitation_expires_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    sent_at: datetime | None = _ts()
+    # sending | sent | not_pending | invalid_token | failed | unknown
+    outcome: str = Field(default="sending", max_length=16)
+    error: str | None = Field(default=None, sa_column=Column(Text))
+
+
+class InvitationRenewal(SQLModel, table=True):
+    """Revoke + assign again for an expired invitation; the intent is recorded first."""
+
+    __tablename__ = "invitation_renewal"
+    __table_args__ = (
+        UniqueConstraint("seat_id", "old_expires_at", name="uq_renewal_invitation"),
+        Index("ix_renewal_recipient", "scope_kind", "scope_id", "recipient"),
+    )
+
+    id: int | None = Field(
+        default=None,
+        sa_column=Column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
+    )
+    seat_id: str = Field(max_length=64, index=True)
+    scope_kind: str = Field(max_length=16)
+    scope_id: str = Field(max_length=64)
+    recipient: str = Field(max_length=320)
+    seat_metadata: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    old_expires_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    # intent -> revoked -> assigned | slot_taken | failed
+    state: str = Field(default="intent", max_length=16, index=True)
+    new_seat_id: str | None = Field(default=None, max_length=64)
+    new_expires_at: datetime | None = _ts()
+    created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    updated_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    error: str | None = Field(default=None, sa_column=Column(Text))
 
 
 class WebhookDelivery(SQLModel, table=True):

@@ -21,6 +21,7 @@ SYNC_SCOPE = "sync_scope"
 SWEEP_INBOX = "sweep_inbox"
 RESYNC_ALL = "resync_all"
 REMIND_EXPIRING = "remind_expiring"
+REMIND_GATE_KEY = "seat-sync:gate:remind"
 
 
 def redis_settings(url: str) -> RedisSettings:

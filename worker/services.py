@@ -39,7 +39,11 @@ class Services:
         try:
             if redis_url is not None:
                 redis = await create_pool(redis_settings(redis_url))
-                budget = RedisBudget(redis, settings.polar_requests_per_minute)
+                budget = RedisBudget(
+                    redis,
+                    settings.polar_requests_per_minute,
+                    window_ms=int(settings.polar_rate_window_seconds * 1000),
+                )
             if polar:
                 client = PolarClient(
                     settings.polar_api_url,

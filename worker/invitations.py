@@ -1,0 +1,398 @@
+"""Act before invitations lapse: one reminder per invitation, and opt-in renewal.
+
+Polar's resend e-mails the same link and does not extend its 24 h expiry (REFERENCE.md), so
+reminders go out while the link still works, and an expired invitation can only be renewed
+by revoking the seat and assigning the same recipient again.
+
+Exactly once, the hard way: Polar has no idempotency keys, so each action is claimed in
+the database (a unique row per invitation, committed) BEFORE the call. A crash after the
+claim and before the record leaves the row in `sending` (or `intent`/`revoked`): the
+reminder is then never sent twice, and a renewal resumes from its recorded step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+import structlog
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
+
+from worker import queue
+from worker.db import retry_transaction
+from worker.models import InvitationReminder, InvitationRenewal, Seat, utcnow
+from worker.polar import InvalidRequest, PolarError, RateLimited, SeatAssign
+from worker.services import Services
+
+log = structlog.get_logger("worker.invitations")
+
+# A reminder stuck in `sending` this long was interrupted by a crash: we cannot know
+# whether Polar sent it, so it is reported as `unknown` and never retried.
+STALE_SENDING = timedelta(minutes=10)
+RENEWAL_ACTIVE_STATES = ("intent", "revoked", "assigned")
+
+
+@dataclass
+class Planned:
+    seat_id: str
+    scope_kind: str
+    scope_id: str
+    recipient: str
+    expires_at: datetime
+
+
+@dataclass
+class RunReport:
+    planned: list[Planned] = field(default_factory=list)
+    outcomes: dict[str, int] = field(default_factory=dict)
+
+    def count(self, outcome: str) -> None:
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+
+
+def _scope_of(seat: Seat) -> tuple[str, str]:
+    if seat.subscription_id is not None:
+        return "subscription", seat.subscription_id
+    assert seat.order_id is not None
+    return "order", seat.order_id
+
+
+def _recipient(seat: Seat) -> str | None:
+    return seat.email or seat.member_email
+
+
+# --- reminders ------------------------------------------------------------------------------
+
+
+async def plan_reminders(services: Services, *, now: datetime) -> list[Planned]:
+    """Pending seats whose invitation expires within the window, not yet reminded."""
+    window = timedelta(hours=services.settings.remind_window_hours)
+    async with services.sessions() as session:
+        rows = await session.execute(
+            select(Seat)
+            .where(
+                col(Seat.status) == "pending",
+                col(Seat.gone_at).is_(None),
+                col(Seat.invitation_token_expires_at) > now,
+                col(Seat.invitation_token_expires_at) <= now + window,
+            )
+            .order_by(col(Seat.invitation_token_expires_at))
+        )
+        candidates = list(rows.scalars())
+        reminded = (
+            await session.execute(
+                select(
+                    col(InvitationReminder.seat_id), col(InvitationReminder.invitation_expires_at)
+                ).where(col(InvitationReminder.seat_id).in_([s.id for s in candidates]))
+            )
+            if candidates
+            else None
+        )
+        done = {(r.seat_id, r.invitation_expires_at) for r in reminded} if reminded else set()
+    planned: list[Planned] = []
+    for seat in candidates:
+        recipient = _recipient(seat)
+        expires = seat.invitation_token_expires_at
+        if recipient is None or expires is None or (seat.id, expires) in done:
+            continue
+        kind, scope_id = _scope_of(seat)
+        planned.append(Planned(seat.id, kind, scope_id, recipient, expires))
+    return planned
+
+
+async def _claim_reminder(services: Services, item: Planned) -> int | None:
+    """Insert the reminder row; None when another worker (or an earlier run) has it."""
+
+    async def work(session: AsyncSession) -> int:
+        row = InvitationReminder(
+            seat_id=item.seat_id,
+            scope_kind=item.scope_kind,
+            scope_id=item.scope_id,
+            recipient=item.recipient,
+            invitation_expires_at=item.expires_at,
+            created_at=utcnow(),
+            outcome="sending",
+        )
+        session.add(row)
+        await session.flush()
+        assert row.id is not None
+        return row.id
+
+    try:
+        return await retry_transaction(services.sessions, work)
+    except IntegrityError:
+        return None
+
+
+async def _record_reminder(
+    services: Services, row_id: int, outcome: str, error: str | None
+) -> None:
+    async def work(session: AsyncSession) -> None:
+        row = await session.get(InvitationReminder, row_id)
+        if row is not None:
+            row.outcome = outcome
+            row.error = error
+            if outcome == "sent":
+                row.sent_at = utcnow()
+
+    await retry_transaction(services.sessions, work)
+
+
+async def _forget_claim(services: Services, row_id: int) -> None:
+    """Only for calls Polar certainly did not process (429): the reminder may go out later."""
+
+    async def work(session: AsyncSession) -> None:
+        row = await session.get(InvitationReminder, row_id)
+        if row is not None and row.outcome == "sending":
+            await session.delete(row)
+
+    await retry_transaction(services.sessions, work)
+
+
+async def _expire_interrupted(services: Services, now: datetime) -> int:
+    async def work(session: AsyncSession) -> int:
+        rows = (
+            (
+                await session.execute(
+                    select(InvitationReminder).where(
+                        col(InvitationReminder.outcome) == "sending",
+                        col(InvitationReminder.created_at) < now - STALE_SENDING,
+                    )
+                )
+            )
+            .scalars()
+            .all()
+        )
+        for row in rows:
+            row.outcome = "unknown"
+            row.error = (
+                "interrupted between claim and record; not retried (resend is not idempotent)"
+            )
+        return len(rows)
+
+    return await retry_transaction(services.sessions, work)
+
+
+async def remind_expiring(
+    services: Services, *, dry_run: bool = False, spread: float | None = None
+) -> RunReport:
+    """Resend each expiring invitation once. `spread` seconds (default from settings)
+    spaces a batch out with jitter so a large batch does not burst."""
+    now = utcnow()
+    report = RunReport()
+    await _expire_interrupted(services, now)
+    report.planned = await plan_reminders(services, now=now)
+    if dry_run or not report.planned:
+        return report
+    polar = services.require_polar()
+    total_spread = services.settings.remind_spread_seconds if spread is None else spread
+    gap = total_spread / max(1, len(report.planned))
+    for index, item in enumerate(report.planned):
+        if index and gap > 0:
+            await asyncio.sleep(gap * random.uniform(0.5, 1.5))
+        row_id = await _claim_reminder(services, item)
+        if row_id is None:
+            report.count("already_claimed")
+            continue
+        bound = log.bind(seat_id=item.seat_id, scope_id=item.scope_id, reminder_id=row_id)
+        try:
+            await polar.resend(item.seat_id, lane="reminder")
+        except RateLimited:
+            await _forget_claim(services, row_id)  # rejected before processing: safe to retry
+            report.count("rate_limited")
+            bound.warning("reminder_rate_limited")
+            break
+        except InvalidRequest as exc:
+            if exc.error == "SeatNotPending":
+                await _record_reminder(services, row_id, "not_pending", str(exc))
+                if services.redis is not None:
+                    await queue.request_sync(
+                        services.redis, item.scope_kind, item.scope_id, trigger="reminder"
+                    )
+                report.count("not_pending")
+            elif exc.error == "InvalidInvitationToken":
+                await _record_reminder(services, row_id, "invalid_token", str(exc))
+                report.count("invalid_token")
+            else:
+                await _record_reminder(services, row_id, "failed", str(exc))
+                report.count("failed")
+            bound.info("reminder_refused", error=exc.error)
+            continue
+        except PolarError as exc:
+            # 5xx or timeout: Polar may have sent it. Never risk a second e-mail.
+            await _record_reminder(services, row_id, "failed", str(exc))
+            report.count("failed")
+            bound.warning("reminder_failed", error=str(exc))
+            continue
+        await _record_reminder(services, row_id, "sent", None)
+        report.count("sent")
+        bound.info("reminder_sent")
+    return report
+
+
+# --- renewal --------------------------------------------------------------------------------
+
+
+async def plan_renewals(services: Services, *, now: datetime) -> list[Planned]:
+    """Pending seats whose invitation has expired, with a recipient and renewals left."""
+    limit = services.settings.renew_max_per_recipient
+    async with services.sessions() as session:
+        rows = await session.execute(
+            select(Seat).where(
+                col(Seat.status) == "pending",
+                col(Seat.gone_at).is_(None),
+                col(Seat.invitation_token_expires_at) <= now,
+            )
+        )
+        planned: list[Planned] = []
+        for seat in rows.scalars():
+            recipient = _recipient(seat)
+            if recipient is None or seat.invitation_token_expires_at is None:
+                continue
+            kind, scope_id = _scope_of(seat)
+            used = (
+                await session.execute(
+                    select(func.count())
+                    .select_from(InvitationRenewal)
+                    .where(
+                        col(InvitationRenewal.scope_kind) == kind,
+                        col(InvitationRenewal.scope_id) == scope_id,
+                        func.lower(col(InvitationRenewal.recipient)) == recipient.lower(),
+                        col(InvitationRenewal.state).in_(RENEWAL_ACTIVE_STATES),
+                    )
+                )
+            ).scalar_one()
+            if used >= limit:
+                continue
+            planned.append(
+                Planned(seat.id, kind, scope_id, recipient, seat.invitation_token_expires_at)
+            )
+    return planned
+
+
+async def _record_intent(services: Services, item: Planned) -> int | None:
+    async def work(session: AsyncSession) -> int:
+        seat = await session.get(Seat, item.seat_id)
+        now = utcnow()
+        row = InvitationRenewal(
+            seat_id=item.seat_id,
+            scope_kind=item.scope_kind,
+            scope_id=item.scope_id,
+            recipient=item.recipient,
+            seat_metadata=seat.seat_metadata if seat is not None else None,
+            old_expires_at=item.expires_at,
+            state="intent",
+            created_at=now,
+            updated_at=now,
+        )
+        session.add(row)
+        await session.flush()
+        assert row.id is not None
+        return row.id
+
+    try:
+        return await retry_transaction(services.sessions, work)
+    except IntegrityError:
+        return None
+
+
+async def _set_renewal(services: Services, row_id: int, **values: object) -> None:
+    async def work(session: AsyncSession) -> None:
+        row = await session.get(InvitationRenewal, row_id)
+        if row is None:
+            return
+        for key, value in values.items():
+            setattr(row, key, value)
+        row.updated_at = utcnow()
+
+    await retry_transaction(services.sessions, work)
+
+
+async def _advance_renewal(services: Services, row: InvitationRenewal, report: RunReport) -> None:
+    """Carry one renewal from its recorded state to the end: revoke, then assign."""
+    assert row.id is not None
+    polar = services.require_polar()
+    bound = log.bind(renewal_id=row.id, seat_id=row.seat_id, scope_id=row.scope_id)
+    if row.state == "intent":
+        await polar.revoke(row.seat_id, lane="reminder")  # idempotent in Polar
+        await _set_renewal(services, row.id, state="revoked")
+        row.state = "revoked"
+        bound.info("renewal_revoked")
+    if row.state == "revoked":
+        request = SeatAssign(
+            subscription_id=row.scope_id if row.scope_kind == "subscription" else None,
+            order_id=row.scope_id if row.scope_kind == "order" else None,
+            email=row.recipient,
+            metadata=row.seat_metadata,
+        )
+        try:
+            seat = await polar.assign(request, lane="reminder")
+        except InvalidRequest as exc:
+            if exc.error == "SeatAlreadyAssigned":
+                # The assign went through before a crash: it is done, do not assign again.
+                await _set_renewal(services, row.id, state="assigned", error=None)
+                report.count("assigned")
+            elif exc.error == "SeatNotAvailable":
+                await _set_renewal(services, row.id, state="slot_taken", error=str(exc))
+                report.count("slot_taken")
+                bound.warning("renewal_slot_taken", recipient_seat=row.seat_id)
+            else:
+                await _set_renewal(services, row.id, state="failed", error=str(exc))
+                report.count("failed")
+            return
+        await _set_renewal(
+            services,
+            row.id,
+            state="assigned",
+            new_seat_id=seat.id,
+            new_expires_at=seat.invitation_token_expires_at,
+            error=None,
+        )
+        report.count("assigned")
+        bound.info("renewal_assigned", new_seat_id=seat.id)
+    if services.redis is not None:
+        await queue.request_sync(services.redis, row.scope_kind, row.scope_id, trigger="renewal")
+
+
+async def renew_expired(services: Services, *, dry_run: bool = False) -> RunReport:
+    """Resume interrupted renewals, then renew newly expired invitations (opt-in)."""
+    report = RunReport()
+    now = utcnow()
+    report.planned = await plan_renewals(services, now=now)
+    if dry_run:
+        return report
+    async with services.sessions() as session:
+        unfinished = list(
+            (
+                await session.execute(
+                    select(InvitationRenewal).where(
+                        col(InvitationRenewal.state).in_(("intent", "revoked"))
+                    )
+                )
+            ).scalars()
+        )
+    for row in unfinished:
+        try:
+            await _advance_renewal(services, row, report)
+        except PolarError as exc:
+            report.count("deferred")
+            log.warning("renewal_deferred", renewal_id=row.id, error=str(exc))
+    for item in report.planned:
+        row_id = await _record_intent(services, item)
+        if row_id is None:
+            report.count("already_claimed")
+            continue
+        async with services.sessions() as session:
+            fresh = await session.get(InvitationRenewal, row_id)
+        assert fresh is not None
+        try:
+            await _advance_renewal(services, fresh, report)
+        except PolarError as exc:
+            report.count("deferred")  # resumed from its recorded state on the next run
+            log.warning("renewal_deferred", renewal_id=row_id, error=str(exc))
+    return report

@@ -1,0 +1,411 @@
+"""Full resync: discover every seat-based subscription and order, then sync each scope.
+
+Webhooks get lost (Polar disables an endpoint after 10 failed events), so the mirror heals
+itself. A pass is one `sync_run` (kind "full") with one `resync_item` per scope; discovery
+progress is committed page by page and each item is marked done as it is synced, so a pass
+killed half way resumes where it stopped. Each scope goes through the same `sync_scope` as
+webhook jobs, whose freshness guard means a pass never overwrites newer state; a scope
+synced after the pass started is skipped outright.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
+
+from worker import sync
+from worker.db import retry_transaction
+from worker.models import ResyncItem, SeatScope, SyncRun, utcnow
+from worker.polar import AuthError, PolarError, RateLimited
+from worker.services import Services
+
+log = structlog.get_logger("worker.resync")
+
+LOCK_KEY = "seat-sync:lock:resync-all"
+LOCK_TTL_MS = 120_000
+ITEM_TRIES = 4
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class PassSummary:
+    run_id: int
+    resumed: bool
+    scopes: int
+    synced: int
+    skipped: int
+    gone: int
+    failed: int
+    api_calls: int
+    seats_changed: int
+
+
+class PassBusy(Exception):
+    """Another process is running the full resync right now."""
+
+
+@contextlib.asynccontextmanager
+async def _pass_lock(services: Services) -> AsyncIterator[None]:
+    """One pass at a time across the fleet; the lock is refreshed while the pass runs."""
+    redis = services.redis
+    if redis is None:
+        yield
+        return
+    token = uuid.uuid4().hex
+    if not await redis.set(LOCK_KEY, token, nx=True, px=LOCK_TTL_MS):
+        raise PassBusy("a full resync is already running")
+
+    async def refresh() -> None:
+        while True:
+            await asyncio.sleep(LOCK_TTL_MS / 4000)
+            with contextlib.suppress(Exception):
+                if await redis.get(LOCK_KEY) == token.encode():
+                    await redis.pexpire(LOCK_KEY, LOCK_TTL_MS)
+
+    keeper = asyncio.create_task(refresh())
+    try:
+        yield
+    finally:
+        keeper.cancel()
+        with contextlib.suppress(BaseException):
+            await keeper
+        with contextlib.suppress(Exception):
+            if await redis.get(LOCK_KEY) == token.encode():
+                await redis.delete(LOCK_KEY)
+
+
+def _insert_items(session: AsyncSession, rows: list[dict[str, Any]]) -> Any:
+    if session.get_bind().dialect.name == "postgresql":
+        return postgresql.insert(ResyncItem).values(rows).on_conflict_do_nothing()
+    return sqlite.insert(ResyncItem).values(rows).on_conflict_do_nothing()
+
+
+async def _add_items(
+    services: Services,
+    run_id: int,
+    scopes: Iterable[tuple[str, str]],
+    progress: dict[str, Any],
+    calls: int,
+) -> None:
+    rows = [{"run_id": run_id, "kind": k, "scope_id": s} for k, s in scopes]
+
+    async def work(session: AsyncSession) -> None:
+        for start in range(0, len(rows), 500):
+            await session.execute(_insert_items(session, rows[start : start + 500]))
+        await session.execute(
+            update(SyncRun)
+            .where(col(SyncRun.id) == run_id)
+            .values(
+                progress=json.dumps(progress),
+                heartbeat_at=utcnow(),
+                api_calls=SyncRun.api_calls + calls,
+            )
+        )
+
+    await retry_transaction(services.sessions, work)
+
+
+async def _open_or_resume(
+    services: Services, *, trigger: str, force: bool, interval: timedelta
+) -> tuple[SyncRun | None, bool]:
+    async def work(session: AsyncSession) -> tuple[SyncRun | None, bool]:
+        unfinished = (
+            await session.execute(
+                select(SyncRun)
+                .where(col(SyncRun.kind) == "full", col(SyncRun.finished_at).is_(None))
+                .order_by(col(SyncRun.id).desc())
+                .limit(1)
+            )
+        ).scalar_one_or_none()
+        if unfinished is not None:
+            return unfinished, True
+        last = (
+            await session.execute(
+                select(func.max(SyncRun.started_at)).where(col(SyncRun.kind) == "full")
+            )
+        ).scalar_one_or_none()
+        if not force and last is not None and utcnow() - last < interval:
+            return None, False
+        run = SyncRun(
+            kind="full",
+            trigger=trigger,
+            started_at=utcnow(),
+            heartbeat_at=utcnow(),
+            progress=json.dumps({"subscriptions_page": 1, "orders_page": 1, "discovered": False}),
+        )
+        session.add(run)
+        await session.flush()
+        return run, False
+
+    return await retry_transaction(services.sessions, work)
+
+
+async def _call_with_patience(make_call: Callable[[], Any], what: str) -> Any:
+    """Retry a discovery call through 429s and transient failures (not auth errors)."""
+    for attempt in range(1, ITEM_TRIES + 1):
+        try:
+            return await make_call()
+        except RateLimited as exc:
+            await asyncio.sleep(exc.retry_after)
+        except PolarError as exc:
+            if not exc.retryable or attempt == ITEM_TRIES:
+                raise
+            await asyncio.sleep(min(30.0, 2.0**attempt))
+    raise PolarError(f"{what}: gave up after {ITEM_TRIES} attempts")
+
+
+async def _discover(services: Services, run: SyncRun) -> None:
+    """Walk the subscription and order lists (oldest first), page by page, resumably."""
+    assert run.id is not None
+    polar = services.require_polar()
+    progress: dict[str, Any] = json.loads(run.progress or "{}")
+    if progress.get("discovered"):
+        return
+    for kind, lister in (("subscription", polar.iter_subscriptions), ("order", polar.iter_orders)):
+        key = f"{kind}s_page"
+        pages = lister(start_page=int(progress.get(key, 1)), lane="resync")
+        while True:
+            try:
+                page_result = await _call_with_patience(pages.__anext__, f"list {kind}s")
+            except StopAsyncIteration:
+                break
+            page, _max_page, items = page_result
+            found = [(kind, item.id) for item in items if item.is_seat_based]
+            progress[key] = page + 1
+            await _add_items(services, run.id, found, progress, calls=1)
+    known = await _known_scopes(services)
+    progress["discovered"] = True
+    await _add_items(services, run.id, known, progress, calls=0)
+
+
+async def _known_scopes(services: Services) -> list[tuple[str, str]]:
+    async with services.sessions() as session:
+        rows = await session.execute(
+            select(col(SeatScope.kind), col(SeatScope.scope_id)).where(
+                col(SeatScope.gone_at).is_(None)
+            )
+        )
+        return [(r.kind, r.scope_id) for r in rows]
+
+
+async def _sync_item(
+    services: Services, run: SyncRun, kind: str, scope_id: str
+) -> tuple[str, int, int]:
+    """(outcome, api calls, seats changed) for one scope of the pass."""
+    assert run.id is not None
+    async with services.sessions() as session:
+        scope = await session.get(SeatScope, (kind, scope_id))
+    if (
+        scope is not None
+        and scope.last_synced_at is not None
+        and scope.last_synced_at >= run.started_at
+    ):
+        return "skipped", 0, 0  # a webhook-driven sync already did it during this pass
+    calls = 0
+    for attempt in range(1, ITEM_TRIES + 1):
+        calls += 1
+        try:
+            outcome = await sync.sync_scope(
+                services, kind=kind, scope_id=scope_id, trigger="resync", lane="resync"
+            )
+        except AuthError:
+            raise
+        except RateLimited as exc:
+            await asyncio.sleep(exc.retry_after)
+            continue
+        except PolarError as exc:
+            if not exc.retryable or attempt == ITEM_TRIES:
+                return "failed", calls, 0
+            await asyncio.sleep(min(30.0, 2.0**attempt * services.settings.sync_retry_base_seconds))
+            continue
+        changed = outcome.result.written if outcome.result is not None else 0
+        return outcome.status, calls, changed
+    return "failed", calls, 0
+
+
+async def _finish_item(
+    services: Services,
+    run_id: int,
+    kind: str,
+    scope_id: str,
+    outcome: str,
+    calls: int,
+    changed: int,
+) -> None:
+    async def work(session: AsyncSession) -> None:
+        now = utcnow()
+        await session.execute(
+            update(ResyncItem)
+            .where(
+                col(ResyncItem.run_id) == run_id,
+                col(ResyncItem.kind) == kind,
+                col(ResyncItem.scope_id) == scope_id,
+            )
+            .values(done_at=now, outcome=outcome)
+        )
+        await session.execute(
+            update(SyncRun)
+            .where(col(SyncRun.id) == run_id)
+            .values(
+                api_calls=SyncRun.api_calls + calls,
+                updated=SyncRun.updated + changed,
+                errors=SyncRun.errors + (1 if outcome == "failed" else 0),
+                gone=SyncRun.gone + (1 if outcome == "gone" else 0),
+                heartbeat_at=now,
+            )
+        )
+
+    await retry_transaction(services.sessions, work)
+
+
+async def _open_items(services: Services, run_id: int) -> list[tuple[str, str]]:
+    async with services.sessions() as session:
+        rows = await session.execute(
+            select(col(ResyncItem.kind), col(ResyncItem.scope_id))
+            .where(col(ResyncItem.run_id) == run_id, col(ResyncItem.done_at).is_(None))
+            .order_by(col(ResyncItem.kind).desc(), col(ResyncItem.scope_id))
+        )
+        return [(r.kind, r.scope_id) for r in rows]
+
+
+async def _item_counts(services: Services, run_id: int) -> tuple[int, int]:
+    async with services.sessions() as session:
+        total = (
+            await session.execute(
+                select(func.count()).select_from(ResyncItem).where(col(ResyncItem.run_id) == run_id)
+            )
+        ).scalar_one()
+        done = (
+            await session.execute(
+                select(func.count())
+                .select_from(ResyncItem)
+                .where(col(ResyncItem.run_id) == run_id, col(ResyncItem.done_at).is_not(None))
+            )
+        ).scalar_one()
+    return int(total), int(done)
+
+
+async def _summarise(
+    services: Services, run_id: int, resumed: bool, error: str | None
+) -> PassSummary:
+    async def work(session: AsyncSession) -> PassSummary:
+        rows = await session.execute(
+            select(col(ResyncItem.outcome), func.count())
+            .where(col(ResyncItem.run_id) == run_id)
+            .group_by(col(ResyncItem.outcome))
+        )
+        counts: dict[str | None, int] = {r[0]: int(r[1]) for r in rows}
+        run = await session.get(SyncRun, run_id)
+        assert run is not None
+        total = sum(counts.values())
+        run.scopes_seen = total
+        run.finished_at = utcnow()
+        run.error = error
+        run.status = "failed" if error else ("ok" if not counts.get("failed") else "partial")
+        return PassSummary(
+            run_id=run_id,
+            resumed=resumed,
+            scopes=total,
+            synced=counts.get("ok", 0) + counts.get("stale", 0),
+            skipped=counts.get("skipped", 0),
+            gone=counts.get("gone", 0),
+            failed=counts.get("failed", 0),
+            api_calls=run.api_calls,
+            seats_changed=run.updated,
+        )
+
+    return await retry_transaction(services.sessions, work)
+
+
+async def resync_all(
+    services: Services,
+    *,
+    trigger: str = "cron",
+    force: bool = False,
+    progress: Progress | None = None,
+) -> PassSummary | None:
+    """Run (or resume) a full pass. None when no pass is due. PassBusy when one runs."""
+    interval = timedelta(minutes=services.settings.resync_interval_minutes)
+    async with _pass_lock(services):
+        run, resumed = await _open_or_resume(
+            services, trigger=trigger, force=force, interval=interval
+        )
+        if run is None:
+            return None
+        assert run.id is not None
+        bound = log.bind(run_id=run.id, resumed=resumed)
+        bound.info("resync_pass_started")
+        try:
+            await _discover(services, run)
+            total, done = await _item_counts(services, run.id)
+            if progress is not None:
+                progress(done, total)
+            await _sync_open_items(services, run, total, done, progress)
+        except AuthError as exc:
+            summary = await _summarise(services, run.id, resumed, str(exc))
+            bound.error("resync_pass_failed", error=str(exc))
+            raise
+        summary = await _summarise(services, run.id, resumed, None)
+        bound.info(
+            "resync_pass_finished",
+            scopes=summary.scopes,
+            synced=summary.synced,
+            skipped=summary.skipped,
+            gone=summary.gone,
+            failed=summary.failed,
+            api_calls=summary.api_calls,
+            seats_changed=summary.seats_changed,
+        )
+        return summary
+
+
+async def _sync_open_items(
+    services: Services, run: SyncRun, total: int, done: int, progress: Progress | None
+) -> None:
+    assert run.id is not None
+    run_id = run.id
+    items = await _open_items(services, run_id)
+    queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+    for item in items:
+        queue.put_nowait(item)
+    finished = done
+
+    async def lane_worker() -> None:
+        nonlocal finished
+        while True:
+            try:
+                kind, scope_id = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            outcome, calls, changed = await _sync_item(services, run, kind, scope_id)
+            await _finish_item(services, run_id, kind, scope_id, outcome, calls, changed)
+            finished += 1
+            if progress is not None:
+                progress(finished, total)
+
+    workers = [
+        asyncio.create_task(lane_worker()) for _ in range(services.settings.resync_concurrency)
+    ]
+    try:
+        await asyncio.gather(*workers)
+    finally:
+        for task in workers:
+            task.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+
+
+def due_since(last: datetime | None, interval: timedelta, now: datetime) -> bool:
+    return last is None or now - last >= interval
