@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import enum
 import json
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, NoReturn, TypeVar
 
@@ -250,6 +251,22 @@ def simulator(
     )
 
 
+@app.command()
+def demo(
+    data_dir: Annotated[
+        str, typer.Option(help="Where the demo keeps its SQLite mirror and private Redis.")
+    ] = ".seat-sync-demo",
+) -> None:
+    """Show the whole pipeline on the embedded defaults against the simulated Polar."""
+    from pathlib import Path
+
+    from worker.demo import run_demo
+
+    logs.configure(log_format="console", level="WARNING")
+    if not run_async(run_demo(Path(data_dir), out)):
+        fail("the mirror did not converge; see the lines marked ✗ above")
+
+
 # --- sync on demand -----------------------------------------------------------------------
 
 
@@ -284,47 +301,153 @@ def print_changes(changes: Sequence[SeatDiff]) -> None:
     out.print(table)
 
 
+@contextlib.asynccontextmanager
+async def operating(settings: Settings) -> AsyncIterator[Services]:
+    """Services for a command that calls Polar: shares the fleet's rate budget when a Redis
+    (REDIS_URL, or a running private one) is there."""
+    await prepare_database(settings)
+    redis_url, _ = await resolve_redis_url(settings, start=False)
+    services = await Services.start(settings, redis_url=redis_url)
+    try:
+        await check_schema(services.engine)
+        yield services
+    finally:
+        await services.close()
+
+
+async def _resync_one(settings: Settings, kind: str, scope_id: str) -> None:
+    from worker import sync
+
+    async with operating(settings) as services:
+        outcome = await with_polar_retries(
+            lambda: sync.sync_scope(
+                services, kind=kind, scope_id=scope_id, trigger="cli", lane="interactive"
+            )
+        )
+    if outcome.status == "gone":
+        fail(f"{kind} {scope_id} was not found in Polar (404); its seats stay in the mirror")
+    result = outcome.result
+    assert result is not None
+    out.print(
+        f"{kind} {scope_id}: {result.inserted} inserted, {result.updated} updated, "
+        f"{result.unchanged} unchanged, {result.gone} gone "
+        f"({result.total_seats} seats, {result.available_seats} available)",
+        highlight=False,
+    )
+    print_changes(result.changes)
+
+
+async def _resync_all(settings: Settings) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from worker.resync import PassBusy, resync_all
+
+    async with operating(settings) as services:
+        with Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err,
+            transient=True,
+        ) as bar:
+            task = bar.add_task("full resync", total=None)
+
+            def advance(done: int, total: int) -> None:
+                bar.update(task, completed=done, total=total)
+
+            try:
+                summary = await resync_all(services, trigger="cli", force=True, progress=advance)
+            except PassBusy as exc:
+                fail(f"{exc}; try again when it has finished")
+    assert summary is not None
+    out.print(
+        f"full resync {'(resumed) ' if summary.resumed else ''}#{summary.run_id}: "
+        f"{summary.scopes} scopes, {summary.synced} synced, {summary.skipped} skipped "
+        f"(synced by webhooks meanwhile), {summary.gone} gone, {summary.failed} failed; "
+        f"{summary.api_calls} API calls, {summary.seats_changed} seats changed",
+        highlight=False,
+    )
+    if summary.failed:
+        raise typer.Exit(EXIT_ERROR)
+
+
 @app.command()
 def resync(
     subscription: Annotated[
         str | None, typer.Option("--subscription", help="Subscription id.")
     ] = None,
     order: Annotated[str | None, typer.Option("--order", help="Order id.")] = None,
+    all_scopes: Annotated[
+        bool, typer.Option("--all", help="Discover and sync every seat-based scope.")
+    ] = False,
 ) -> None:
-    """Sync one subscription or order now and print what changed."""
-    if (subscription is None) == (order is None):
-        fail("give exactly one of --subscription ID or --order ID", EXIT_CONFIG)
+    """Sync one subscription or order (or --all) now and print what changed."""
+    chosen = sum(x is not None for x in (subscription, order)) + int(all_scopes)
+    if chosen != 1:
+        fail("give exactly one of --subscription ID, --order ID or --all", EXIT_CONFIG)
+    settings = settings_or_exit()
+    settings.require_token()
+    if all_scopes:
+        run_async(_resync_all(settings))
+        return
     kind, scope_id = ("subscription", subscription) if subscription else ("order", order)
     assert scope_id is not None
+    run_async(_resync_one(settings, kind, scope_id))
+
+
+def _print_plan(title: str, planned: Sequence[Any]) -> None:
+    table = Table("seat", "scope", "recipient", "invitation expires", title=title)
+    for item in planned:
+        table.add_row(
+            item.seat_id,
+            f"{item.scope_kind} {item.scope_id}",
+            item.recipient,
+            _cell(item.expires_at),
+        )
+    out.print(table)
+
+
+@app.command()
+def remind(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List, do not send.")] = False,
+) -> None:
+    """Resend invitations that expire within REMIND_WINDOW_HOURS, once per invitation."""
     settings = settings_or_exit()
     settings.require_token()
 
     async def main() -> None:
-        from worker import sync
+        from worker.invitations import remind_expiring
 
-        await prepare_database(settings)
-        redis_url, _ = await resolve_redis_url(settings, start=False)
-        services = await Services.start(settings, redis_url=redis_url)
-        try:
-            await check_schema(services.engine)
-            outcome = await with_polar_retries(
-                lambda: sync.sync_scope(
-                    services, kind=kind, scope_id=scope_id, trigger="cli", lane="interactive"
-                )
-            )
-        finally:
-            await services.close()
-        if outcome.status == "gone":
-            fail(f"{kind} {scope_id} was not found in Polar (404); its seats stay in the mirror")
-        result = outcome.result
-        assert result is not None
-        out.print(
-            f"{kind} {scope_id}: {result.inserted} inserted, {result.updated} updated, "
-            f"{result.unchanged} unchanged, {result.gone} gone "
-            f"({result.total_seats} seats, {result.available_seats} available)",
-            highlight=False,
-        )
-        print_changes(result.changes)
+        async with operating(settings) as services:
+            report = await remind_expiring(services, dry_run=dry_run, spread=0.0)
+        verb = "would remind" if dry_run else "reminders"
+        _print_plan(f"{len(report.planned)} invitations {verb}", report.planned)
+        if not dry_run:
+            out.print(f"outcomes: {report.outcomes or 'none'}", highlight=False)
+
+    run_async(main())
+
+
+@app.command()
+def renew(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List, do not act.")] = False,
+) -> None:
+    """Renew expired invitations (revoke + assign the same recipient again)."""
+    settings = settings_or_exit()
+    settings.require_token()
+    if not dry_run and not settings.renew_expired_invitations:
+        fail("renewal is off: set RENEW_EXPIRED_INVITATIONS=true (or use --dry-run)", EXIT_CONFIG)
+
+    async def main() -> None:
+        from worker.invitations import renew_expired
+
+        async with operating(settings) as services:
+            report = await renew_expired(services, dry_run=dry_run)
+        verb = "would renew" if dry_run else "renewals"
+        _print_plan(f"{len(report.planned)} expired invitations {verb}", report.planned)
+        if not dry_run:
+            out.print(f"outcomes: {report.outcomes or 'none'}", highlight=False)
 
     run_async(main())
 
@@ -439,6 +562,172 @@ def seats(
 
     rows = run_async(main())
     emit_rows(rows, fmt, columns=SEAT_TABLE_COLUMNS, title=f"{len(rows)} seats")
+
+
+async def _status(settings: Settings) -> dict[str, Any]:
+    from worker.models import (
+        InvitationReminder,
+        InvitationRenewal,
+        SeatScope,
+        SyncRun,
+        WebhookDelivery,
+        utcnow,
+    )
+    from worker.queue import QUEUE_NAME
+
+    redis_url, _ = await resolve_redis_url(settings, start=False)
+    services = await Services.start(settings, redis_url=redis_url, polar=False, read_only=True)
+    try:
+        await check_schema(services.engine)
+        now = utcnow()
+        async with services.sessions() as session:
+            passes = (
+                (
+                    await session.execute(
+                        select(SyncRun)
+                        .where(col(SyncRun.kind) == "full")
+                        .order_by(col(SyncRun.id).desc())
+                        .limit(5)
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            failing = (
+                (
+                    await session.execute(
+                        select(SeatScope)
+                        .where(col(SeatScope.consecutive_failures) > 0)
+                        .order_by(col(SeatScope.consecutive_failures).desc())
+                        .limit(20)
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            pending = (
+                await session.execute(
+                    select(func.count(), func.min(WebhookDelivery.received_at)).where(
+                        col(WebhookDelivery.processed_at).is_(None)
+                    )
+                )
+            ).one()
+            reminders = (
+                await session.execute(
+                    select(col(InvitationReminder.outcome), func.count()).group_by(
+                        col(InvitationReminder.outcome)
+                    )
+                )
+            ).all()
+            renewals = (
+                await session.execute(
+                    select(col(InvitationRenewal.state), func.count()).group_by(
+                        col(InvitationRenewal.state)
+                    )
+                )
+            ).all()
+        queue_depth: int | None = None
+        budget_used: int | None = None
+        if services.redis is not None and services.budget is not None:
+            queue_depth = int(await services.redis.zcard(QUEUE_NAME))
+            budget_used = await services.budget.used()
+        oldest = pending[1]
+        return {
+            "full_resyncs": [
+                {
+                    "id": p.id,
+                    "started_at": p.started_at.isoformat(),
+                    "finished_at": p.finished_at.isoformat() if p.finished_at else None,
+                    "status": p.status,
+                    "scopes": p.scopes_seen,
+                    "api_calls": p.api_calls,
+                    "seats_changed": p.updated,
+                    "errors": p.errors,
+                }
+                for p in passes
+            ],
+            "failing_scopes": [
+                {
+                    "kind": f.kind,
+                    "scope_id": f.scope_id,
+                    "consecutive_failures": f.consecutive_failures,
+                    "last_error": f.last_error,
+                }
+                for f in failing
+            ],
+            "deliveries_pending": int(pending[0]),
+            "oldest_pending_delivery_age_s": (
+                round((now - oldest).total_seconds(), 1) if oldest is not None else None
+            ),
+            "queue_depth": queue_depth,
+            "rate_budget": (
+                {"used": budget_used, "limit": settings.polar_requests_per_minute}
+                if budget_used is not None
+                else None
+            ),
+            "reminders": {str(k): int(v) for k, v in reminders},
+            "renewals": {str(k): int(v) for k, v in renewals},
+        }
+    finally:
+        await services.close()
+
+
+@app.command()
+def status(
+    fmt: Annotated[
+        OutputFormat, typer.Option("--format", help="table or json.")
+    ] = OutputFormat.table,
+) -> None:
+    """Last full resyncs, failing scopes, unprocessed deliveries, queue and rate budget."""
+    settings = settings_or_exit()
+    require_database_file(settings)
+    report = run_async(_status(settings))
+    if fmt is not OutputFormat.table:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        return
+    passes = Table(
+        "pass",
+        "started",
+        "finished",
+        "status",
+        "scopes",
+        "API calls",
+        "changed",
+        "errors",
+        title="Full resyncs",
+    )
+    for p in report["full_resyncs"]:
+        passes.add_row(
+            str(p["id"]),
+            p["started_at"][:19],
+            (p["finished_at"] or "running")[:19],
+            p["status"],
+            str(p["scopes"]),
+            str(p["api_calls"]),
+            str(p["seats_changed"]),
+            str(p["errors"]),
+        )
+    out.print(passes)
+    if report["failing_scopes"]:
+        failing = Table("scope", "failures", "last error", title="Failing scopes")
+        for f in report["failing_scopes"]:
+            failing.add_row(
+                f"{f['kind']} {f['scope_id']}",
+                str(f["consecutive_failures"]),
+                f["last_error"] or "",
+            )
+        out.print(failing)
+    budget = report["rate_budget"]
+    depth = report["queue_depth"]
+    used = f"{budget['used']}/{budget['limit']} in the last window" if budget else "unknown"
+    out.print(
+        f"deliveries not yet processed: {report['deliveries_pending']} "
+        f"(oldest {report['oldest_pending_delivery_age_s']} s)\n"
+        f"queue depth: {depth if depth is not None else 'Redis not reachable'}\n"
+        f"rate budget: {used}\n"
+        f"reminders: {report['reminders'] or 'none'}; renewals: {report['renewals'] or 'none'}",
+        highlight=False,
+    )
 
 
 @db_app.command("upgrade")
