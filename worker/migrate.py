@@ -45,10 +45,19 @@ async def current_revision(engine: AsyncEngine) -> str | None:
         return await conn.run_sync(_read)
 
 
+def known_revisions() -> set[str]:
+    script = ScriptDirectory.from_config(alembic_config("sqlite://"))
+    return {rev.revision for rev in script.walk_revisions()}
+
+
 async def check_schema(engine: AsyncEngine) -> None:
+    """Refuse a schema that is behind this code. A schema ahead of it (a newer release
+    migrated first, during a rolling upgrade) is accepted: migrations only add."""
     current = await current_revision(engine)
     head = head_revision()
-    if current != head:
+    if current == head:
+        return
+    if current is None or current in known_revisions():
         raise SchemaBehind(
             f"database schema is at {current or 'nothing (empty database)'}, this code needs "
             f"{head}: run `seat-sync db upgrade`"
