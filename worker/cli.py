@@ -6,10 +6,12 @@ import asyncio
 import contextlib
 import csv
 import enum
+import functools
 import json
+import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import structlog
@@ -48,6 +50,7 @@ log = structlog.get_logger("worker.cli")
 
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
+EXIT_DRIFT = 3
 
 
 class OutputFormat(enum.StrEnum):
@@ -121,11 +124,28 @@ def require_database_file(settings: Settings) -> None:
 # --- processes ----------------------------------------------------------------------------
 
 
-async def _run_forever(tasks: Sequence[Callable[[], Coroutine[Any, Any, None]]]) -> None:
-    """Run long-lived parts together; the first to fail or finish stops the others."""
-    async with asyncio.TaskGroup() as group:
-        for task in tasks:
-            group.create_task(task())
+async def _run_until_signalled(tasks: Sequence[Callable[[], Coroutine[Any, Any, None]]]) -> None:
+    """Run long-lived parts together until SIGTERM/SIGINT or until one of them stops;
+    then stop the others. A part that failed re-raises its error."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    running = [asyncio.create_task(task()) for task in tasks]
+    waiter = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait([*running, waiter], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        for task in [*running, waiter]:
+            task.cancel()
+        results = await asyncio.gather(*running, return_exceptions=True)
+    if stop.is_set():
+        log.info("shutdown_requested")
+    for result in results:
+        if isinstance(result, Exception):
+            raise result
 
 
 async def _worker_main(settings: Settings, *, with_web: bool, host: str, port: int) -> None:
@@ -156,7 +176,7 @@ async def _worker_main(settings: Settings, *, with_web: bool, host: str, port: i
             web=f"http://{host}:{port}" if with_web else None,
         )
         try:
-            await _run_forever(parts)
+            await _run_until_signalled(parts)
         finally:
             await worker.close()
     finally:
@@ -521,6 +541,30 @@ def _flatten(row: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
+@contextlib.asynccontextmanager
+async def reading(settings: Settings) -> AsyncIterator[Services]:
+    """Read-only services for the query commands (the database is opened read-only)."""
+    require_database_file(settings)
+    services = await Services.start(settings, redis_url=None, polar=False, read_only=True)
+    try:
+        await check_schema(services.engine)
+        yield services
+    finally:
+        await services.close()
+
+
+def parse_duration(text: str) -> timedelta:
+    """'6h', '90m', '7d', '30s' or a plain number of hours."""
+    raw = text.strip().lower()
+    units = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+    try:
+        if raw and raw[-1] in units:
+            return timedelta(**{units[raw[-1]]: float(raw[:-1])})
+        return timedelta(hours=float(raw))
+    except ValueError:
+        fail(f"not a duration: {text!r} (use e.g. 6h, 90m, 7d)", EXIT_CONFIG)
+
+
 @app.command()
 def seats(
     subscription: Annotated[str | None, typer.Option("--subscription")] = None,
@@ -528,7 +572,19 @@ def seats(
     status: Annotated[
         str | None, typer.Option("--status", help="pending, claimed or revoked.")
     ] = None,
-    email: Annotated[str | None, typer.Option("--email")] = None,
+    email: Annotated[str | None, typer.Option("--email", help="Case-insensitive.")] = None,
+    member: Annotated[str | None, typer.Option("--member", help="Member id.")] = None,
+    customer: Annotated[str | None, typer.Option("--customer", help="Customer id.")] = None,
+    expiring_within: Annotated[
+        str | None,
+        typer.Option("--expiring-within", help="Pending invitations expiring within e.g. 6h."),
+    ] = None,
+    expired: Annotated[
+        bool, typer.Option("--expired", help="Pending invitations already expired.")
+    ] = False,
+    include_gone: Annotated[
+        bool, typer.Option("--include-gone", help="Also seats Polar no longer lists.")
+    ] = False,
     fmt: Annotated[
         OutputFormat, typer.Option("--format", help="table, json, csv or ndjson.")
     ] = OutputFormat.table,
@@ -536,32 +592,331 @@ def seats(
     """List mirrored seats (JSON: every CustomerSeat key)."""
     if status is not None and status not in ("pending", "claimed", "revoked"):
         fail("--status must be pending, claimed or revoked", EXIT_CONFIG)
+    window = parse_duration(expiring_within) if expiring_within is not None else None
     settings = settings_or_exit()
-    require_database_file(settings)
 
     async def main() -> list[dict[str, Any]]:
-        services = await Services.start(settings, redis_url=None, polar=False, read_only=True)
-        try:
-            await check_schema(services.engine)
-            query = select(Seat).order_by(
-                col(Seat.subscription_id), col(Seat.order_id), col(Seat.created_at), col(Seat.id)
+        from worker.models import utcnow
+
+        now = utcnow()
+        query = select(Seat).order_by(
+            col(Seat.subscription_id), col(Seat.order_id), col(Seat.created_at), col(Seat.id)
+        )
+        if subscription is not None:
+            query = query.where(col(Seat.subscription_id) == subscription)
+        if order is not None:
+            query = query.where(col(Seat.order_id) == order)
+        if status is not None:
+            query = query.where(col(Seat.status) == status)
+        if email is not None:
+            query = query.where(func.lower(col(Seat.email)) == email.strip().lower())
+        if member is not None:
+            query = query.where(col(Seat.member_id) == member)
+        if customer is not None:
+            query = query.where(col(Seat.customer_id) == customer)
+        if window is not None:
+            query = query.where(
+                col(Seat.status) == "pending",
+                col(Seat.invitation_token_expires_at) > now,
+                col(Seat.invitation_token_expires_at) <= now + window,
             )
-            if subscription is not None:
-                query = query.where(col(Seat.subscription_id) == subscription)
-            if order is not None:
-                query = query.where(col(Seat.order_id) == order)
-            if status is not None:
-                query = query.where(col(Seat.status) == status)
-            if email is not None:
-                query = query.where(func.lower(col(Seat.email)) == email.strip().lower())
-            async with services.sessions() as session:
-                found = (await session.execute(query)).scalars().all()
-            return [seat_json(s) for s in found]
-        finally:
-            await services.close()
+        if expired:
+            query = query.where(
+                col(Seat.status) == "pending", col(Seat.invitation_token_expires_at) <= now
+            )
+        if not include_gone:
+            query = query.where(col(Seat.gone_at).is_(None))
+        async with reading(settings) as services, services.sessions() as session:
+            found = (await session.execute(query)).scalars().all()
+        return [seat_json(s) for s in found]
 
     rows = run_async(main())
     emit_rows(rows, fmt, columns=SEAT_TABLE_COLUMNS, title=f"{len(rows)} seats")
+
+
+CHANGE_COLUMNS = (
+    "observed_at",
+    "seat_id",
+    "change",
+    "old_status",
+    "new_status",
+    "old_email",
+    "new_email",
+    "scope_kind",
+    "scope_id",
+)
+
+
+def change_json(change: Any) -> dict[str, Any]:
+    return {
+        "observed_at": change.observed_at.isoformat(),
+        "seat_id": change.seat_id,
+        "scope_kind": change.scope_kind,
+        "scope_id": change.scope_id,
+        "change": change.change,
+        "old_status": change.old_status,
+        "new_status": change.new_status,
+        "old_email": change.old_email,
+        "new_email": change.new_email,
+        "old_member_id": change.old_member_id,
+        "new_member_id": change.new_member_id,
+        "old_customer_id": change.old_customer_id,
+        "new_customer_id": change.new_customer_id,
+    }
+
+
+@app.command("seat")
+def seat_command(
+    seat_id: Annotated[str, typer.Argument(help="The seat id.")],
+    fmt: Annotated[
+        OutputFormat, typer.Option("--format", help="table or json.")
+    ] = OutputFormat.table,
+) -> None:
+    """One seat with its full change history."""
+    from worker.models import SeatChange
+
+    settings = settings_or_exit()
+
+    async def main() -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+        async with reading(settings) as services, services.sessions() as session:
+            found = await session.get(Seat, seat_id)
+            changes = (
+                (
+                    await session.execute(
+                        select(SeatChange)
+                        .where(col(SeatChange.seat_id) == seat_id)
+                        .order_by(col(SeatChange.id))
+                    )
+                )
+                .scalars()
+                .all()
+            )
+        return (seat_json(found) if found else None), [change_json(c) for c in changes]
+
+    found, history_rows = run_async(main())
+    if found is None:
+        fail(f"no seat {seat_id} in the mirror")
+    if fmt is not OutputFormat.table:
+        sys.stdout.write(json.dumps({"seat": found, "history": history_rows}, indent=2) + "\n")
+        return
+    detail = Table("key", "value", title=f"seat {seat_id}")
+    for key, value in found.items():
+        detail.add_row(key, _cell(value))
+    out.print(detail)
+    emit_rows(history_rows, OutputFormat.table, columns=CHANGE_COLUMNS, title="history")
+
+
+@app.command()
+def scopes(
+    fmt: Annotated[
+        OutputFormat, typer.Option("--format", help="table, json, csv or ndjson.")
+    ] = OutputFormat.table,
+) -> None:
+    """Every mirrored subscription and order: seats, pending, claimed, last sync, last error."""
+    from worker.models import SeatScope
+
+    settings = settings_or_exit()
+
+    async def main() -> list[dict[str, Any]]:
+        async with reading(settings) as services, services.sessions() as session:
+            found = (
+                (
+                    await session.execute(
+                        select(SeatScope).order_by(col(SeatScope.kind), col(SeatScope.scope_id))
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            counts: dict[tuple[str, str], dict[str, int]] = {}
+            for column, kind in ((Seat.subscription_id, "subscription"), (Seat.order_id, "order")):
+                rows = await session.execute(
+                    select(col(column), col(Seat.status), func.count())
+                    .where(col(column).is_not(None), col(Seat.gone_at).is_(None))
+                    .group_by(col(column), col(Seat.status))
+                )
+                for scope_id, seat_status, n in rows:
+                    counts.setdefault((kind, str(scope_id)), {})[seat_status] = int(n)
+        return [
+            {
+                "kind": s.kind,
+                "scope_id": s.scope_id,
+                "total_seats": s.total_seats,
+                "available_seats": s.available_seats,
+                "pending": counts.get((s.kind, s.scope_id), {}).get("pending", 0),
+                "claimed": counts.get((s.kind, s.scope_id), {}).get("claimed", 0),
+                "last_synced_at": s.last_synced_at.isoformat() if s.last_synced_at else None,
+                "last_error": s.last_error,
+                "consecutive_failures": s.consecutive_failures,
+                "gone": s.gone_at is not None,
+            }
+            for s in found
+        ]
+
+    rows = run_async(main())
+    columns = (
+        "kind",
+        "scope_id",
+        "total_seats",
+        "available_seats",
+        "pending",
+        "claimed",
+        "last_synced_at",
+        "last_error",
+    )
+    emit_rows(rows, fmt, columns=columns, title=f"{len(rows)} scopes")
+
+
+@app.command()
+def history(
+    email: Annotated[
+        str | None, typer.Option("--email", help="Every seat this person held.")
+    ] = None,
+    lost: Annotated[
+        bool, typer.Option("--lost", help="Who lost access (revoked or replaced).")
+    ] = False,
+    since: Annotated[
+        str | None, typer.Option("--since", help="Only changes within e.g. 7d.")
+    ] = None,
+    fmt: Annotated[
+        OutputFormat, typer.Option("--format", help="table, json, csv or ndjson.")
+    ] = OutputFormat.table,
+) -> None:
+    """Seat history from seat_change: a person's seats (--email) or who lost access (--lost)."""
+    from worker.models import SeatChange, utcnow
+
+    if email is None and not lost:
+        fail("give --email E, or --lost (with --since 7d for this week)", EXIT_CONFIG)
+    window = parse_duration(since) if since is not None else None
+    settings = settings_or_exit()
+
+    async def main() -> list[dict[str, Any]]:
+        query = select(SeatChange).order_by(col(SeatChange.observed_at), col(SeatChange.id))
+        if window is not None:
+            query = query.where(col(SeatChange.observed_at) >= utcnow() - window)
+        if email is not None:
+            wanted = email.strip().lower()
+            query = query.where(
+                (func.lower(col(SeatChange.old_email)) == wanted)
+                | (func.lower(col(SeatChange.new_email)) == wanted)
+            )
+        async with reading(settings) as services, services.sessions() as session:
+            changes = (await session.execute(query)).scalars().all()
+        if lost:
+            return [
+                {
+                    "lost_at": c.observed_at.isoformat(),
+                    "email": c.old_email,
+                    "member_id": c.old_member_id,
+                    "seat_id": c.seat_id,
+                    "scope_kind": c.scope_kind,
+                    "scope_id": c.scope_id,
+                    "was": c.old_status,
+                    "now": c.new_status,
+                    "replaced_by": c.new_email,
+                }
+                for c in changes
+                if c.old_email is not None
+                and c.old_status in ("pending", "claimed")
+                and (
+                    c.new_status == "revoked"
+                    or c.change == "gone"
+                    or ((c.new_email or "").lower() != c.old_email.lower())
+                )
+            ]
+        assert email is not None
+        return _tenures(changes, email.strip().lower())
+
+    rows = run_async(main())
+    if lost:
+        lost_columns = ("lost_at", "email", "was", "now", "seat_id", "scope_id", "replaced_by")
+        emit_rows(rows, fmt, columns=lost_columns, title=f"{len(rows)} lost access")
+    else:
+        held_columns = ("seat_id", "scope_kind", "scope_id", "started_at", "ended_at", "status")
+        emit_rows(rows, fmt, columns=held_columns, title=f"seats held by {email}")
+
+
+def _tenures(changes: Sequence[Any], wanted: str) -> list[dict[str, Any]]:
+    """Fold a person's seat_change rows into one row per seat tenure (start .. end)."""
+    open_by_seat: dict[str, dict[str, Any]] = {}
+    done: list[dict[str, Any]] = []
+    for c in changes:
+        holds_now = (c.new_email or "").lower() == wanted and c.change != "gone"
+        held = (c.old_email or "").lower() == wanted
+        tenure = open_by_seat.get(c.seat_id)
+        if holds_now and tenure is None:
+            open_by_seat[c.seat_id] = {
+                "seat_id": c.seat_id,
+                "scope_kind": c.scope_kind,
+                "scope_id": c.scope_id,
+                "started_at": c.observed_at.isoformat(),
+                "ended_at": None,
+                "status": c.new_status,
+            }
+        elif holds_now and tenure is not None:
+            tenure["status"] = c.new_status
+        elif held and tenure is not None:
+            tenure["ended_at"] = c.observed_at.isoformat()
+            tenure["status"] = c.new_status if c.change != "gone" else "gone"
+            done.append(open_by_seat.pop(c.seat_id))
+        elif held:  # held before the history window we read
+            done.append(
+                {
+                    "seat_id": c.seat_id,
+                    "scope_kind": c.scope_kind,
+                    "scope_id": c.scope_id,
+                    "started_at": None,
+                    "ended_at": c.observed_at.isoformat(),
+                    "status": c.new_status,
+                }
+            )
+    return sorted(done + list(open_by_seat.values()), key=lambda r: r["started_at"] or "")
+
+
+@app.command()
+def verify(
+    scope: Annotated[
+        list[str] | None,
+        typer.Option("--scope", help="subscription:ID or order:ID (repeatable); default all."),
+    ] = None,
+    repair: Annotated[bool, typer.Option("--repair", help="Fix the drift found.")] = False,
+) -> None:
+    """Compare the mirror with Polar scope by scope; exit 3 on drift (0 after --repair)."""
+    from worker.verify import mirrored_scopes, verify_scope
+
+    chosen: list[tuple[str, str]] = []
+    for item in scope or []:
+        kind, sep, scope_id = item.partition(":")
+        if not sep or kind not in ("subscription", "order") or not scope_id:
+            fail(f"--scope must be subscription:ID or order:ID, not {item!r}", EXIT_CONFIG)
+        chosen.append((kind, scope_id))
+    settings = settings_or_exit()
+    settings.require_token()
+
+    async def main() -> int:
+        drift = 0
+        async with operating(settings) as services:
+            targets = chosen or await mirrored_scopes(services)
+            for kind, scope_id in targets:
+                report = await with_polar_retries(
+                    functools.partial(verify_scope, services, kind, scope_id, repair=repair)
+                )
+                for d in report.differences:
+                    out.print(
+                        f"{d.kind} {d.scope_id} {d.seat_id or '-'} {d.what}: {d.detail}",
+                        highlight=False,
+                    )
+                if report.differences and not report.repaired:
+                    drift += 1
+            out.print(
+                f"verified {len(targets)} scopes: {drift} with drift"
+                + (" (repaired)" if repair else ""),
+                highlight=False,
+            )
+        return drift
+
+    if run_async(main()):
+        raise typer.Exit(EXIT_DRIFT)
 
 
 async def _status(settings: Settings) -> dict[str, Any]:
