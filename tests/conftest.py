@@ -134,9 +134,19 @@ async def services(settings: Settings, redis_url: str) -> AsyncIterator[Services
         await started.close()
 
 
-async def run_worker_until_idle(settings: Settings, redis_url: str, *, max_jobs: int = 10) -> Any:
-    """Run an in-process arq worker until the queue is empty (burst mode)."""
-    worker = build_worker(settings, redis_url, burst=True, handle_signals=False, max_jobs=max_jobs)
+async def run_worker_until_idle(
+    settings: Settings, redis_url: str, *, max_jobs: int = 10, cron_jobs: bool = False
+) -> Any:
+    """Run an in-process arq worker until the queue is empty (burst mode). Its cron jobs
+    are off unless asked for, so that tests count Polar calls exactly."""
+    worker = build_worker(
+        settings,
+        redis_url,
+        burst=True,
+        handle_signals=False,
+        max_jobs=max_jobs,
+        cron_jobs=cron_jobs,
+    )
     try:
         await worker.async_run()
     finally:

@@ -166,7 +166,9 @@ async def _worker_main(settings: Settings, *, with_web: bool, host: str, port: i
             from worker.webhooks import serve
 
             async def web() -> None:
-                await serve(settings, host=host, port=port, redis_url=redis_url)
+                await serve(
+                    settings, host=host, port=port, redis_url=redis_url, handle_signals=False
+                )
 
             parts.append(web)
         log.info(

@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     renew_expired_invitations: bool = False
     renew_max_per_recipient: int = Field(default=1, ge=0)
 
+    # The worker's Prometheus endpoint (the web process always serves /metrics).
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+
     log_format: str = Field(default="auto", pattern="^(auto|json|console)$")
     log_level: str = "INFO"
 

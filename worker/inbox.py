@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from sqlalchemy import and_, exists, update
-from sqlalchemy.ext.asyncio import AsyncSession
+import structlog
+from arq.connections import ArqRedis
+from sqlalchemy import and_, exists, func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
 
-from worker.models import WebhookDelivery, WebhookDeliveryScope
+from worker import queue, routing
+from worker.db import retry_transaction
+from worker.models import WebhookDelivery, WebhookDeliveryScope, utcnow
+from worker.routing import ScopeRef
+
+log = structlog.get_logger("worker.inbox")
+
+# Younger deliveries are still being handed to Redis by the receiver; leave them be.
+SWEEP_MIN_AGE = timedelta(seconds=10)
 
 
 async def mark_scope_synced(
@@ -59,3 +72,217 @@ async def mark_scope_synced(
             .values(processed_at=now, outcome="synced")
         )
     return len(answered)
+
+
+# ---------------------------------------------------------------------- recording
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What the receiver stored for one delivery (nothing new when `duplicate`)."""
+
+    duplicate: bool
+    scopes: tuple[ScopeRef, ...] = ()
+    routed: bool = True
+
+
+def parse_event_timestamp(value: Any) -> datetime | None:
+    """The envelope's ISO-8601 `timestamp`, or None when absent or unreadable."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+async def _route_safely(
+    session: AsyncSession, event_type: str, data: Any
+) -> tuple[list[ScopeRef], str | None]:
+    """Route, but never let a payload we cannot make sense of cost the delivery: it is
+    stored unrouted and the sweeper tries again. Database errors still propagate."""
+    try:
+        hint = routing.hint_for(event_type, data)
+    except Exception as exc:  # a bug in routing must not turn into a failed delivery
+        log.exception("webhook_routing_failed", event_type=event_type)
+        return [], f"routing failed: {type(exc).__name__}"
+    return await routing.resolve(session, hint), None
+
+
+async def _store_scopes(
+    session: AsyncSession,
+    delivery: WebhookDelivery,
+    scopes: list[ScopeRef],
+    now: datetime,
+) -> None:
+    delivery.routed_at = now
+    if not scopes:
+        delivery.processed_at, delivery.outcome = now, "ignored"
+    for ref in scopes:
+        session.add(
+            WebhookDeliveryScope(
+                webhook_id=delivery.webhook_id,
+                scope_kind=ref.kind,
+                scope_id=ref.scope_id,
+                received_at=delivery.received_at,
+            )
+        )
+
+
+async def record_delivery(
+    session: AsyncSession,
+    *,
+    webhook_id: str,
+    event_type: str,
+    payload: str,
+    envelope: dict[str, Any],
+    now: datetime,
+) -> Recorded:
+    """Store a verified delivery and the scopes it asks to sync (flushes, never commits).
+
+    A webhook-id we already hold is a redelivery: nothing is written. Two processes
+    racing on the same id end with one IntegrityError at commit, which the caller treats
+    as a duplicate too.
+    """
+    if await session.get(WebhookDelivery, webhook_id) is not None:
+        return Recorded(duplicate=True)
+    delivery = WebhookDelivery(
+        webhook_id=webhook_id,
+        event_type=event_type[:64],
+        event_timestamp=parse_event_timestamp(envelope.get("timestamp")),
+        payload=payload,
+        received_at=now,
+    )
+    session.add(delivery)
+    scopes, routing_error = await _route_safely(session, event_type, envelope.get("data"))
+    if routing_error is None:
+        await _store_scopes(session, delivery, scopes, now)
+    else:
+        delivery.error = routing_error
+    await session.flush()
+    return Recorded(duplicate=False, scopes=tuple(scopes), routed=routing_error is None)
+
+
+# ---------------------------------------------------------------------- sweeping
+
+
+@dataclass
+class SweepResult:
+    routed: int = 0
+    closed: int = 0
+    requested: int = 0
+    already_waiting: int = 0
+    scopes: list[ScopeRef] = field(default_factory=list)
+
+
+async def route_unrouted(session: AsyncSession, *, now: datetime, limit: int = 500) -> int:
+    """Route deliveries the receiver stored without scopes (flushes, never commits)."""
+    pending = (
+        (
+            await session.execute(
+                select(WebhookDelivery)
+                .where(
+                    col(WebhookDelivery.routed_at).is_(None),
+                    col(WebhookDelivery.processed_at).is_(None),
+                )
+                .order_by(col(WebhookDelivery.received_at))
+                .limit(limit)
+            )
+        )
+        .scalars()
+        .all()
+    )
+    routed = 0
+    for delivery in pending:
+        try:
+            envelope = json.loads(delivery.payload)
+        except ValueError:
+            envelope = None
+        if not isinstance(envelope, dict):
+            delivery.processed_at, delivery.outcome = now, "failed"
+            delivery.error = "stored payload is not a JSON object"
+            continue
+        scopes, routing_error = await _route_safely(
+            session, delivery.event_type, envelope.get("data")
+        )
+        if routing_error is not None:
+            delivery.error = routing_error
+            continue
+        delivery.error = None
+        await _store_scopes(session, delivery, scopes, now)
+        routed += 1
+    await session.flush()
+    return routed
+
+
+async def close_answered(session: AsyncSession, *, now: datetime) -> int:
+    """Mark processed any routed delivery whose scopes are all answered (repair only:
+    `mark_scope_synced` normally does this in the reconcile's transaction)."""
+    still_open = exists().where(
+        and_(
+            col(col(WebhookDeliveryScope.webhook_id)) == WebhookDelivery.webhook_id,
+            col(WebhookDeliveryScope.processed_at).is_(None),
+        )
+    )
+    result = await session.execute(
+        update(WebhookDelivery)
+        .where(
+            col(WebhookDelivery.processed_at).is_(None),
+            col(WebhookDelivery.routed_at).is_not(None),
+            ~still_open,
+        )
+        .values(processed_at=now, outcome="synced")
+        .returning(col(WebhookDelivery.webhook_id))
+    )
+    return len(result.scalars().all())
+
+
+async def unanswered_scopes(
+    session: AsyncSession, *, received_before: datetime, limit: int = 1000
+) -> list[ScopeRef]:
+    """Scopes with a delivery recorded before `received_before` that no sync answered."""
+    rows = await session.execute(
+        select(col(WebhookDeliveryScope.scope_kind), col(WebhookDeliveryScope.scope_id))
+        .where(
+            col(WebhookDeliveryScope.processed_at).is_(None),
+            col(WebhookDeliveryScope.received_at) < received_before,
+        )
+        .group_by(col(WebhookDeliveryScope.scope_kind), col(WebhookDeliveryScope.scope_id))
+        .order_by(func.min(col(WebhookDeliveryScope.received_at)))
+        .limit(limit)
+    )
+    return [ScopeRef(kind, scope_id) for kind, scope_id in rows.all()]
+
+
+async def sweep_inbox(
+    sessions: async_sessionmaker[AsyncSession],
+    redis: ArqRedis,
+    *,
+    min_age: timedelta = SWEEP_MIN_AGE,
+    now: datetime | None = None,
+) -> SweepResult:
+    """Nothing acknowledged is lost: route what was stored unrouted, then ask for a sync
+    of every scope whose delivery is older than `min_age` and still unanswered (Redis was
+    down at receipt, a job died, or its retries ran out)."""
+    now = now or utcnow()
+    result = SweepResult()
+
+    async def repair(session: AsyncSession) -> tuple[int, int]:
+        return (
+            await route_unrouted(session, now=now),
+            await close_answered(session, now=now),
+        )
+
+    result.routed, result.closed = await retry_transaction(sessions, repair)
+
+    async def find(session: AsyncSession) -> list[ScopeRef]:
+        return await unanswered_scopes(session, received_before=now - min_age)
+
+    result.scopes = await retry_transaction(sessions, find)
+    for ref in result.scopes:
+        if await queue.request_sync(redis, ref.kind, ref.scope_id, trigger="sweep"):
+            result.requested += 1
+        else:
+            result.already_waiting += 1
+    return result

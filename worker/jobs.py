@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
+from datetime import timedelta
 from typing import Any
 
 import structlog
 from arq import Retry
+from arq.cron import cron
 from arq.worker import Function, Worker, func
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from worker import queue, sync
+from worker import inbox, invitations, metrics, queue, resync, sync
 from worker.config import Settings
 from worker.db import is_retryable_db_error
 from worker.migrate import check_schema
@@ -63,6 +67,52 @@ async def sync_scope(ctx: Ctx, *, kind: str, scope_id: str, trigger: str = "webh
     return outcome.status
 
 
+async def sweep_inbox(ctx: Ctx, *, min_age_seconds: float | None = None) -> int:
+    """Re-request a sync for every acknowledged delivery no sync has answered yet."""
+    services: Services = ctx["services"]
+    redis = services.redis if services.redis is not None else ctx["redis"]
+    min_age = inbox.SWEEP_MIN_AGE if min_age_seconds is None else timedelta(seconds=min_age_seconds)
+    result = await inbox.sweep_inbox(services.sessions, redis, min_age=min_age)
+    if result.scopes or result.routed or result.closed:
+        log.info(
+            "inbox_swept",
+            job_id=ctx.get("job_id"),
+            routed=result.routed,
+            closed=result.closed,
+            scopes=len(result.scopes),
+            requested=result.requested,
+            already_waiting=result.already_waiting,
+        )
+    return result.requested
+
+
+async def resync_all(ctx: Ctx) -> str:
+    """Cron, every minute: run a full pass when one is due, or resume an interrupted one."""
+    services: Services = ctx["services"]
+    try:
+        summary = await resync.resync_all(services, trigger="cron")
+    except resync.PassBusy:
+        return "busy"
+    return "not due" if summary is None else f"pass {summary.run_id}: {summary.scopes} scopes"
+
+
+async def remind_expiring(ctx: Ctx) -> str:
+    """Cron, every minute; acts every REMIND_INTERVAL_MINUTES, once across the fleet."""
+    services: Services = ctx["services"]
+    settings = services.settings
+    assert services.redis is not None
+    gate = int(settings.remind_interval_minutes * 60)
+    if not await services.redis.set(queue.REMIND_GATE_KEY, "1", nx=True, ex=max(1, gate - 5)):
+        return "not due"
+    report = await invitations.remind_expiring(services)
+    renewed = ""
+    if settings.renew_expired_invitations:
+        renewal = await invitations.renew_expired(services)
+        renewed = f"; renewals {renewal.outcomes}"
+    log.info("reminders_done", planned=len(report.planned), outcomes=report.outcomes)
+    return f"reminders {report.outcomes}{renewed}"
+
+
 async def startup(ctx: Ctx) -> None:
     settings: Settings = ctx["settings"]
     services = await Services.start(settings, redis_url=ctx["redis_url"])
@@ -72,10 +122,19 @@ async def startup(ctx: Ctx) -> None:
         await services.close()
         raise
     ctx["services"] = services
+    if settings.metrics_port is not None:
+        ctx["metrics_task"] = asyncio.create_task(
+            metrics.serve_worker_metrics(services, settings.metrics_port)
+        )
     log.info("worker_started", polar_api_url=settings.polar_api_url)
 
 
 async def shutdown(ctx: Ctx) -> None:
+    task: asyncio.Task[None] | None = ctx.get("metrics_task")
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
     services: Services | None = ctx.get("services")
     if services is not None:
         await services.close()
@@ -85,6 +144,9 @@ async def shutdown(ctx: Ctx) -> None:
 def functions(settings: Settings) -> list[Function]:
     return [
         func(sync_scope, name=queue.SYNC_SCOPE, keep_result=0, max_tries=settings.sync_max_tries),
+        func(sweep_inbox, name=queue.SWEEP_INBOX, keep_result=0, max_tries=1),
+        func(resync_all, name=queue.RESYNC_ALL, keep_result=0, max_tries=1, timeout=24 * 3600),
+        func(remind_expiring, name=queue.REMIND_EXPIRING, keep_result=0, max_tries=1, timeout=3600),
     ]
 
 
@@ -95,10 +157,43 @@ def build_worker(
     burst: bool = False,
     handle_signals: bool = True,
     max_jobs: int = 10,
+    cron_jobs: bool = True,
 ) -> Worker:
-    """The arq worker for this deployment (also what `seat-sync worker` runs)."""
+    """The arq worker for this deployment (also what `seat-sync worker` runs). Tests that
+    count API calls exactly turn `cron_jobs` off (sweep, full resync and reminders)."""
+    schedule = [
+        cron(
+            sweep_inbox,
+            name=queue.SWEEP_INBOX,
+            second=0,
+            run_at_startup=True,
+            unique=True,
+            keep_result=0,
+        ),
+        cron(
+            resync_all,
+            name=queue.RESYNC_ALL,
+            second=5,
+            run_at_startup=True,
+            unique=True,
+            keep_result=0,
+            timeout=24 * 3600,
+            max_tries=1,
+        ),
+        cron(
+            remind_expiring,
+            name=queue.REMIND_EXPIRING,
+            second=35,
+            run_at_startup=True,
+            unique=True,
+            keep_result=0,
+            timeout=3600,
+            max_tries=1,
+        ),
+    ]
     return Worker(
         functions=functions(settings),
+        cron_jobs=schedule if cron_jobs else [],
         queue_name=queue.QUEUE_NAME,
         redis_settings=queue.redis_settings(redis_url),
         on_startup=startup,

@@ -11,6 +11,8 @@ from typing import Any, Literal, Protocol, TypeVar
 import httpx
 from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
 
+from worker import metrics
+
 POLAR_VERSION = "2026-04"
 PAGE_LIMIT = 100
 
@@ -309,9 +311,12 @@ class PolarClient:
                 headers={"Authorization": f"Bearer {self._token.get_secret_value()}"},
             )
         except httpx.TimeoutException as exc:
+            metrics.observe_polar_status("timeout")
             raise TransientError(f"{what}: Polar timed out ({type(exc).__name__})") from None
         except httpx.TransportError as exc:
+            metrics.observe_polar_status("network")
             raise TransientError(f"{what}: network error ({type(exc).__name__})") from None
+        metrics.observe_polar_status(response.status_code)
         if response.status_code == 429 and self._budget is not None:
             error = classify(response, what=what)
             assert isinstance(error, RateLimited)

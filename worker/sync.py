@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import structlog
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from worker import metrics
 from worker.db import retry_transaction, transaction
 from worker.models import SyncRun, utcnow
 from worker.polar import Lane, NotFound, PolarError, SeatsList
@@ -94,10 +95,12 @@ async def sync_scope(
                 run.status, run.finished_at, run.error = "gone", now, "not found in Polar (404)"
 
         await retry_transaction(services.sessions, gone)
+        metrics.SYNCS.labels(outcome="gone").inc()
         bound.warning("scope_gone")
         return SyncOutcome(run_id, kind, scope_id, "gone", None)
     except PolarError as exc:
         await _finish_failed(services, run_id=run_id, kind=kind, scope_id=scope_id, error=str(exc))
+        metrics.SYNCS.labels(outcome="failed").inc()
         bound.warning("sync_failed", error=str(exc), error_class=type(exc).__name__)
         raise
 
@@ -121,8 +124,10 @@ async def sync_scope(
             run.unchanged, run.gone = result.unchanged, result.gone
         return result
 
-    result = await retry_transaction(services.sessions, apply)
+    with metrics.RECONCILE_SECONDS.time():
+        result = await retry_transaction(services.sessions, apply)
     status = "stale" if result.stale else "ok"
+    metrics.SYNCS.labels(outcome=status).inc()
     bound.info(
         "scope_synced",
         status=status,

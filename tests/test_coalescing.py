@@ -1,0 +1,323 @@
+"""End to end over loopback HTTP: the simulated Polar sends SIGNED webhooks to the receiver
+under uvicorn, an arq worker syncs from the simulated API, and nothing is lost or wasted."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from arq.connections import create_pool
+from sqlalchemy import func, select
+from sqlmodel import col
+
+from worker import queue
+from worker.config import Settings
+from worker.db import create_engine, session_factory
+from worker.jobs import build_worker
+from worker.models import Seat, WebhookDelivery, WebhookDeliveryScope
+from worker.simulator.server import SimulatedPolar
+from worker.webhooks import running
+
+SEATS_PATH = "/v1/customer-seats"
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def secret_of(settings: Settings) -> str:
+    return settings.require_webhook_secret().get_secret_value()
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+async def receiver(settings: Settings, redis_url: str, sim: SimulatedPolar) -> AsyncIterator[str]:
+    """The receiver on a free loopback port, with the simulator's webhooks pointed at it."""
+    async with running(settings, redis_url=redis_url) as url:
+        sim.webhooks.configure(url=url, secret=secret_of(settings))
+        yield url
+        await sim.webhooks.flush()
+
+
+class BurstWorker:
+    """An in-process arq worker running in the background until its queue is empty.
+
+    Its cron jobs are off: what these tests prove must happen without any periodic
+    resync or sweep, and the list-call counts must be exact.
+    """
+
+    def __init__(self, settings: Settings, redis_url: str, *, max_jobs: int = 10) -> None:
+        # Polar answers held list calls late on purpose; do not time them out.
+        patient = settings.model_copy(update={"polar_timeout_seconds": 60.0})
+        self.worker = build_worker(
+            patient,
+            redis_url,
+            burst=True,
+            handle_signals=False,
+            max_jobs=max_jobs,
+            cron_jobs=False,
+        )
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self.worker.async_run())
+
+    async def finish(self, within: float = 30.0) -> None:
+        assert self.task is not None
+        try:
+            async with asyncio.timeout(within):
+                await self.task
+        finally:
+            await self.worker.close()
+
+
+async def run_worker_until_idle(settings: Settings, redis_url: str, max_jobs: int = 10) -> None:
+    burst = BurstWorker(settings, redis_url, max_jobs=max_jobs)
+    burst.start()
+    await burst.finish()
+
+
+def seat_lists(sim: SimulatedPolar) -> int:
+    return sim.log.count(method="GET", path_prefix=SEATS_PATH)
+
+
+def polar_view(sim: SimulatedPolar, subscription_id: str) -> set[tuple[Any, ...]]:
+    seats = sim.state.list_seats(subscription_id=subscription_id)["seats"]
+    return {(s["id"], s["status"], s["email"], s["member_id"]) for s in seats}
+
+
+async def mirror_view(settings: Settings, subscription_id: str) -> set[tuple[Any, ...]]:
+    engine = create_engine(settings.database_url)
+    try:
+        async with session_factory(engine)() as session:
+            rows = (
+                await session.execute(
+                    select(Seat).where(
+                        col(Seat.subscription_id) == subscription_id, col(Seat.gone_at).is_(None)
+                    )
+                )
+            ).scalars()
+            return {(s.id, s.status, s.email, s.member_id) for s in rows}
+    finally:
+        await engine.dispose()
+
+
+async def inbox_counts(settings: Settings) -> dict[str, int]:
+    engine = create_engine(settings.database_url)
+    try:
+        async with session_factory(engine)() as session:
+
+            async def count(model: Any, *where: Any) -> int:
+                query = select(func.count()).select_from(model).where(*where)
+                return int(await session.scalar(query) or 0)
+
+            return {
+                "deliveries": await count(WebhookDelivery),
+                "open_deliveries": await count(
+                    WebhookDelivery, col(WebhookDelivery.processed_at).is_(None)
+                ),
+                "open_scopes": await count(
+                    WebhookDeliveryScope, col(WebhookDeliveryScope.processed_at).is_(None)
+                ),
+                "ignored": await count(WebhookDelivery, col(WebhookDelivery.outcome) == "ignored"),
+            }
+    finally:
+        await engine.dispose()
+
+
+def all_acknowledged(sim: SimulatedPolar) -> bool:
+    return all(d.delivered for d in sim.webhooks.deliveries.values())
+
+
+async def wait_for(predicate: Any, within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail("condition not reached in time")
+        await asyncio.sleep(0.01)
+
+
+# ---------------------------------------------------------------------- behaviour
+
+
+async def test_a_thousand_events_over_fifty_scopes_cost_at_most_two_lists_each(
+    sim: SimulatedPolar, receiver: str, settings: Settings, redis_url: str
+) -> None:
+    subs = [sim.state.create_subscription(seats=10)["id"] for _ in range(50)]
+
+    def five_assigned_and_claimed(wave: int) -> None:
+        for sub_id in subs:
+            for n in range(5):
+                email = f"w{wave}-{n}-{sub_id}@example.com"
+                seat = sim.state.assign(subscription_id=sub_id, email=email)
+                sim.state.claim(seat["id"])
+
+    five_assigned_and_claimed(1)  # 500 seat events: one sync job waits per scope
+    await sim.webhooks.flush()
+
+    # Every scope's first sync fetches, and is held in flight while 500 more events land.
+    hold = sim.hold_list_seats(60)
+    burst = BurstWorker(settings, redis_url, max_jobs=50)
+    burst.start()
+    await wait_for(lambda: hold.held == 50)
+    five_assigned_and_claimed(2)
+    await sim.webhooks.flush()
+    sim.release_hold()
+    await burst.finish()
+
+    delivered = [a for a in sim.webhooks.attempts if a.ok]
+    assert len([a for a in delivered if a.type.startswith("customer_seat.")]) == 1000
+    assert all_acknowledged(sim)
+    assert seat_lists(sim) <= 100
+    for sub_id in subs:
+        assert await mirror_view(settings, sub_id) == polar_view(sim, sub_id)
+    counts = await inbox_counts(settings)
+    assert counts["open_deliveries"] == 0
+    assert counts["open_scopes"] == 0
+    assert counts["deliveries"] == len(sim.webhooks.deliveries)
+
+
+async def test_a_change_during_an_in_flight_sync_is_mirrored_without_a_resync(
+    sim: SimulatedPolar, receiver: str, settings: Settings, redis_url: str
+) -> None:
+    sub_id = sim.state.create_subscription(seats=3)["id"]
+    seat = sim.state.assign(subscription_id=sub_id, email="ada@example.com")
+    await sim.webhooks.flush()
+
+    hold = sim.hold_list_seats(60, snapshot="before", container_id=sub_id)
+    burst = BurstWorker(settings, redis_url)
+    burst.start()
+    await hold.wait_entered()  # the fetch started, and will answer "pending"
+    sim.state.claim(seat["id"])
+    await sim.webhooks.flush()
+    sim.release_hold()
+    await burst.finish()
+
+    assert await mirror_view(settings, sub_id) == polar_view(sim, sub_id)
+    assert ("claimed", "ada@example.com") in {
+        (status, email) for _, status, email, _ in await mirror_view(settings, sub_id)
+    }
+    assert seat_lists(sim) == 2
+    assert sim.log.count(path_prefix="/v1/subscriptions") == 0
+    assert (await inbox_counts(settings))["open_scopes"] == 0
+
+
+async def test_redis_down_at_receipt_is_acknowledged_then_mirrored_by_the_sweep(
+    sim: SimulatedPolar, settings: Settings, redis_url: str
+) -> None:
+    dead_redis = f"redis://127.0.0.1:{closed_port()}/0"
+    async with running(settings, redis_url=dead_redis) as url:
+        sim.webhooks.configure(url=url, secret=secret_of(settings))
+        sub_id = sim.state.create_subscription(seats=2)["id"]
+        seat = sim.state.assign(subscription_id=sub_id, email="grace@example.com")
+        sim.state.claim(seat["id"])
+        await sim.webhooks.flush()
+    assert {a.status_code for a in sim.webhooks.attempts} == {202}
+    assert (await inbox_counts(settings))["open_scopes"] == 4
+
+    # Redis is back: the worker's sweep (here with no minimum age) asks for the sync.
+    redis = await create_pool(queue.redis_settings(redis_url))
+    try:
+        await redis.enqueue_job(queue.SWEEP_INBOX, min_age_seconds=0, _queue_name=queue.QUEUE_NAME)
+    finally:
+        await redis.aclose()
+    await run_worker_until_idle(settings, redis_url)
+
+    assert await mirror_view(settings, sub_id) == polar_view(sim, sub_id)
+    assert {s for _, s, _, _ in await mirror_view(settings, sub_id)} == {"claimed"}
+    counts = await inbox_counts(settings)
+    assert (counts["open_scopes"], counts["open_deliveries"]) == (0, 0)
+    assert seat_lists(sim) == 1
+
+
+async def test_database_down_answers_503_and_polars_retry_lands_after_recovery(
+    sim: SimulatedPolar, settings: Settings, redis_url: str
+) -> None:
+    unreachable = settings.model_copy(
+        update={"database_url": f"postgresql://postgres@127.0.0.1:{closed_port()}/gone"}
+    )
+    sub_id = sim.state.create_subscription(seats=2)["id"]
+    sim.state.assign(subscription_id=sub_id, email="alan@example.com")
+    async with running(unreachable, redis_url=redis_url) as down_url:
+        sim.webhooks.configure(url=down_url, secret=secret_of(settings))
+        sim.webhooks.kick()
+        await wait_for(lambda: len(sim.webhooks.attempts) >= 3)
+        assert {a.status_code for a in sim.webhooks.attempts} == {503}
+        async with running(settings, redis_url=redis_url) as up_url:
+            sim.webhooks.configure(url=up_url)  # the database is back
+            await sim.webhooks.flush()
+    assert all_acknowledged(sim)
+    await run_worker_until_idle(settings, redis_url)
+    assert await mirror_view(settings, sub_id) == polar_view(sim, sub_id)
+    assert (await inbox_counts(settings))["open_deliveries"] == 0
+
+
+async def test_duplicate_deliveries_are_processed_once(
+    sim: SimulatedPolar, receiver: str, settings: Settings, redis_url: str
+) -> None:
+    sub_id = sim.state.create_subscription(seats=2)["id"]
+    sim.state.assign(subscription_id=sub_id, email="edsger@example.com")
+    await sim.webhooks.flush()
+    await run_worker_until_idle(settings, redis_url)
+    lists_before = seat_lists(sim)
+    deliveries_before = (await inbox_counts(settings))["deliveries"]
+
+    for webhook_id in list(sim.webhooks.deliveries):
+        attempt = await sim.webhooks.redeliver(webhook_id)
+        assert attempt.status_code == 200
+    await run_worker_until_idle(settings, redis_url)
+
+    assert lists_before == 1
+    assert seat_lists(sim) == lists_before
+    assert (await inbox_counts(settings))["deliveries"] == deliveries_before
+    assert deliveries_before == len(sim.webhooks.deliveries) >= 3
+
+
+async def test_deliveries_signed_with_another_secret_are_rejected_and_stored_nowhere(
+    sim: SimulatedPolar, receiver: str, settings: Settings
+) -> None:
+    sim.webhooks.configure(secret="whsec_" + "w" * 32)
+    sim.webhooks.max_attempts = 2
+    sim.state.create_subscription(seats=2)
+    await sim.webhooks.flush()
+    assert sim.webhooks.attempts
+    assert {a.status_code for a in sim.webhooks.attempts} == {403}
+    assert (await inbox_counts(settings))["deliveries"] == 0
+
+
+async def test_deliveries_with_a_stale_timestamp_are_rejected_and_stored_nowhere(
+    sim: SimulatedPolar, receiver: str, settings: Settings
+) -> None:
+    sim.webhooks.timestamp_clock = lambda: time.time() - 600
+    sim.webhooks.max_attempts = 2
+    sim.state.create_subscription(seats=2)
+    await sim.webhooks.flush()
+    assert sim.webhooks.attempts
+    assert {a.status_code for a in sim.webhooks.attempts} == {403}
+    assert (await inbox_counts(settings))["deliveries"] == 0
+
+
+async def test_events_about_containers_without_seats_are_accepted_and_ignored(
+    sim: SimulatedPolar, receiver: str, settings: Settings, redis_url: str
+) -> None:
+    sim.state.create_subscription(seats=None)
+    await sim.webhooks.flush()
+    await run_worker_until_idle(settings, redis_url)
+    assert {a.status_code for a in sim.webhooks.attempts} == {202}
+    counts = await inbox_counts(settings)
+    assert counts["deliveries"] == counts["ignored"] == len(sim.webhooks.attempts) > 0
+    assert seat_lists(sim) == 0
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        assert await client.keys("seat-sync:queued:*") == []
+    finally:
+        await client.aclose()

@@ -1,0 +1,146 @@
+"""Which scopes (subscription or order) a webhook asks us to sync.
+
+The payload is only a hint: the sync job always fetches Polar's authoritative seat list,
+so routing errs towards syncing a scope rather than missing one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import or_, select
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
+
+from worker.models import Seat, SeatScope
+
+MEMBER_TYPES = frozenset({"member.updated", "member.deleted"})
+
+
+@dataclass(frozen=True, order=True)
+class ScopeRef:
+    """One subscription or order whose seats we mirror."""
+
+    kind: str  # subscription | order
+    scope_id: str
+
+
+@dataclass(frozen=True)
+class RouteHint:
+    """What the payload alone says; `resolve` completes it with what the mirror knows."""
+
+    scopes: tuple[ScopeRef, ...] = ()
+    # A container whose payload does not look seat-based: sync it only if we mirror it
+    # (it may have just lost its seats, and the mirror must see that).
+    if_known: tuple[ScopeRef, ...] = ()
+    # A seat event without a container id: the mirror knows which scope the slot is in.
+    seat_id: str | None = None
+    member_id: str | None = None
+    member_emails: tuple[str, ...] = field(default=())
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _has_seat_price(prices: Any) -> bool:
+    if not isinstance(prices, list):
+        return False
+    return any(isinstance(p, Mapping) and p.get("amount_type") == "seat_based" for p in prices)
+
+
+def is_seat_based_subscription(data: Mapping[str, Any]) -> bool:
+    """A number of `seats`, a seat-based price, or a scheduled seat count (REFERENCE.md)."""
+    if _is_count(data.get("seats")):
+        return True
+    product = data.get("product")
+    if _has_seat_price(data.get("prices")) or (
+        isinstance(product, Mapping) and _has_seat_price(product.get("prices"))
+    ):
+        return True
+    pending = data.get("pending_update")
+    return isinstance(pending, Mapping) and _is_count(pending.get("seats"))
+
+
+def hint_for(event_type: str, data: Any) -> RouteHint:
+    """The scopes a payload points at, without touching the database."""
+    if not isinstance(data, Mapping):
+        return RouteHint()
+    family = event_type.split(".", 1)[0]
+    if family == "customer_seat":
+        scopes: list[ScopeRef] = []
+        if sub_id := _text(data.get("subscription_id")):
+            scopes.append(ScopeRef("subscription", sub_id))
+        if order_id := _text(data.get("order_id")):
+            scopes.append(ScopeRef("order", order_id))
+        if scopes:
+            return RouteHint(scopes=tuple(scopes))
+        return RouteHint(seat_id=_text(data.get("id")))
+    if family == "subscription":
+        sub_id = _text(data.get("id"))
+        if sub_id is None:
+            return RouteHint()
+        ref = ScopeRef("subscription", sub_id)
+        if is_seat_based_subscription(data):
+            return RouteHint(scopes=(ref,))
+        return RouteHint(if_known=(ref,))
+    if family == "order":
+        order_id = _text(data.get("id"))
+        if order_id is None:
+            return RouteHint()
+        ref = ScopeRef("order", order_id)
+        if _is_count(data.get("seats")):
+            return RouteHint(scopes=(ref,))
+        return RouteHint(if_known=(ref,))
+    if event_type in MEMBER_TYPES:
+        email = _text(data.get("email"))
+        return RouteHint(member_id=_text(data.get("id")), member_emails=(email,) if email else ())
+    return RouteHint()
+
+
+def _dedupe(scopes: Iterable[ScopeRef]) -> list[ScopeRef]:
+    return sorted(set(scopes))
+
+
+def _scope_of_seat(subscription_id: str | None, order_id: str | None) -> ScopeRef | None:
+    if subscription_id:
+        return ScopeRef("subscription", subscription_id)
+    if order_id:
+        return ScopeRef("order", order_id)
+    return None
+
+
+async def resolve(session: AsyncSession, hint: RouteHint) -> list[ScopeRef]:
+    """The hint's scopes plus those only the mirror knows (member's seats, known containers)."""
+    found = list(hint.scopes)
+    for ref in hint.if_known:
+        if await session.get(SeatScope, (ref.kind, ref.scope_id)) is not None:
+            found.append(ref)
+    conditions = []
+    if hint.seat_id is not None:
+        conditions.append(col(Seat.id) == hint.seat_id)
+    if hint.member_id is not None:
+        conditions.append(col(Seat.member_id) == hint.member_id)
+    for email in hint.member_emails:
+        conditions.append(col(Seat.email) == email)
+        conditions.append(col(Seat.member_email) == email)
+    if conditions:
+        rows = await session.execute(
+            select(col(Seat.subscription_id), col(Seat.order_id)).where(or_(*conditions)).distinct()
+        )
+        for subscription_id, order_id in rows.all():
+            seat_scope = _scope_of_seat(subscription_id, order_id)
+            if seat_scope is not None:
+                found.append(seat_scope)
+    return _dedupe(found)
+
+
+async def route(session: AsyncSession, event_type: str, data: Any) -> list[ScopeRef]:
+    """Every scope a delivery of `event_type` with payload `data` should sync."""
+    return await resolve(session, hint_for(event_type, data))
