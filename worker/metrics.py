@@ -14,8 +14,13 @@ from sqlalchemy import func, select
 from sqlmodel import col
 
 from worker.models import Seat, SyncRun, WebhookDelivery, utcnow
+from worker.queue import QUEUE_NAME
 
 if TYPE_CHECKING:
+    from arq.connections import ArqRedis
+    from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+    from worker.budget import RedisBudget
     from worker.services import Services
 
 log = structlog.get_logger("worker.metrics")
@@ -59,10 +64,15 @@ def observe_polar_status(status: int | str) -> None:
         RATE_LIMITED.inc()
 
 
-async def refresh(services: Services) -> None:
+async def refresh(
+    sessions: async_sessionmaker[AsyncSession],
+    *,
+    redis: ArqRedis | None = None,
+    budget: RedisBudget | None = None,
+) -> None:
     """Read the state-derived gauges. Failures leave the previous values in place."""
     try:
-        async with services.sessions() as session:
+        async with sessions() as session:
             pending = (
                 await session.execute(
                     select(func.count(), func.min(WebhookDelivery.received_at)).where(
@@ -94,13 +104,12 @@ async def refresh(services: Services) -> None:
     for status in ("pending", "claimed", "revoked"):
         SEATS.labels(status=status).set(counts.get(status, 0))
     LAST_FULL_RESYNC.set(last_full.timestamp() if last_full is not None else 0)
-    if services.redis is not None and services.budget is not None:
+    if redis is not None:
         with contextlib.suppress(Exception):
-            from worker.queue import QUEUE_NAME
-
-            used = await services.budget.used()
-            BUDGET_LEFT.set(max(0, services.budget.per_minute - used))
-            QUEUE_DEPTH.set(int(await services.redis.zcard(QUEUE_NAME)))
+            QUEUE_DEPTH.set(int(await redis.zcard(QUEUE_NAME)))
+    if budget is not None:
+        with contextlib.suppress(Exception):
+            BUDGET_LEFT.set(max(0, budget.per_minute - await budget.used()))
 
 
 def render() -> tuple[bytes, str]:
@@ -116,7 +125,7 @@ async def serve_worker_metrics(services: Services, port: int, *, every: float = 
     try:
         while True:
             started = time.monotonic()
-            await refresh(services)
+            await refresh(services.sessions, redis=services.redis, budget=services.budget)
             await asyncio.sleep(max(1.0, every - (time.monotonic() - started)))
     finally:
         server.shutdown()

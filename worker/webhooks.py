@@ -29,10 +29,11 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from worker import queue
+from worker import metrics, queue
+from worker.budget import RedisBudget
 from worker.config import Settings
 from worker.db import create_engine, retry_transaction, session_factory
 from worker.inbox import Recorded, record_delivery
@@ -147,6 +148,12 @@ def parse_envelope(body: bytes) -> tuple[str, dict[str, Any]]:
 # ---------------------------------------------------------------------- the app
 
 
+def _counted(response: JSONResponse, event_type: str | None, outcome: str) -> JSONResponse:
+    # Only verified payloads name their type: an attacker cannot inflate label cardinality.
+    metrics.WEBHOOKS.labels(type=event_type or "unverified", outcome=outcome).inc()
+    return response
+
+
 def _problem(status: int, detail: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"detail": detail, **extra}, status_code=status)
 
@@ -182,20 +189,26 @@ class Receiver:
             body = await read_body(request)
         except BodyTooLarge:
             log.warning("webhook_rejected", reason="body_too_large")
-            return _problem(413, f"body larger than {MAX_BODY_BYTES} bytes")
+            return _counted(
+                _problem(413, f"body larger than {MAX_BODY_BYTES} bytes"), None, "too_large"
+            )
         except BadRequest as exc:
             log.warning("webhook_rejected", reason="bad_content_length")
-            return _problem(400, str(exc))
+            return _counted(_problem(400, str(exc)), None, "bad_request")
 
         webhook_id = request.headers.get("webhook-id", "").strip()
         timestamp = request.headers.get("webhook-timestamp", "").strip()
         signature = request.headers.get("webhook-signature", "").strip()
         if not (webhook_id and timestamp and signature):
             log.warning("webhook_rejected", reason="missing_headers")
-            return _problem(400, "webhook-id, webhook-timestamp and webhook-signature required")
+            return _counted(
+                _problem(400, "webhook-id, webhook-timestamp and webhook-signature required"),
+                None,
+                "bad_request",
+            )
         if len(webhook_id) > MAX_WEBHOOK_ID_LENGTH:
             log.warning("webhook_rejected", reason="webhook_id_too_long")
-            return _problem(400, "webhook-id too long")
+            return _counted(_problem(400, "webhook-id too long"), None, "bad_request")
         bound = log.bind(webhook_id=webhook_id)
         try:
             verify_signature(
@@ -207,13 +220,13 @@ class Receiver:
             )
         except SignatureRejected as exc:
             bound.warning("webhook_rejected", reason=exc.reason)
-            return _problem(403, "signature verification failed")
+            return _counted(_problem(403, "signature verification failed"), None, "bad_signature")
 
         try:
             raw, envelope = parse_envelope(body)
         except BadRequest as exc:
             bound.warning("webhook_rejected", reason="bad_payload", error=str(exc))
-            return _problem(400, str(exc))
+            return _counted(_problem(400, str(exc)), None, "bad_payload")
         event_type: str = envelope["type"]
         bound = bound.bind(event_type=event_type)
 
@@ -235,11 +248,15 @@ class Receiver:
             recorded = Recorded(duplicate=True)
         except (SQLAlchemyError, OSError, TimeoutError) as exc:
             bound.error("webhook_database_unavailable", error=type(exc).__name__)
-            return _problem(503, "database unavailable, retry later")
+            return _counted(
+                _problem(503, "database unavailable, retry later"), event_type, "db_unavailable"
+            )
 
         if recorded.duplicate:
             bound.info("webhook_duplicate")
-            return JSONResponse({"status": "duplicate"}, status_code=200)
+            return _counted(
+                JSONResponse({"status": "duplicate"}, status_code=200), event_type, "duplicate"
+            )
 
         enqueued = await self._request_syncs(recorded, bound)
         bound.info(
@@ -249,7 +266,11 @@ class Receiver:
             enqueued=enqueued,
         )
         status = "accepted" if recorded.scopes or not recorded.routed else "ignored"
-        return JSONResponse({"status": status, "scopes": len(recorded.scopes)}, status_code=202)
+        return _counted(
+            JSONResponse({"status": status, "scopes": len(recorded.scopes)}, status_code=202),
+            event_type,
+            status,
+        )
 
     async def _request_syncs(self, recorded: Recorded, bound: Any) -> int:
         """Best effort: the inbox row is durable, and the sweeper covers any failure."""
@@ -331,6 +352,22 @@ def create_app(settings: Settings, *, redis_url: str | None = None) -> Starlette
     async def receive(request: Request) -> JSONResponse:
         return await _receiver().receive(request)
 
+    async def metrics_route(_request: Request) -> Response:
+        receiver = _receiver()
+        budget = (
+            RedisBudget(
+                receiver.redis,
+                settings.polar_requests_per_minute,
+                window_ms=int(settings.polar_rate_window_seconds * 1000),
+            )
+            if receiver.redis is not None
+            else None
+        )
+        async with asyncio.timeout(CHECK_TIMEOUT_SECONDS * 2):
+            await metrics.refresh(receiver.sessions, redis=receiver.redis, budget=budget)
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
     async def healthz(request: Request) -> JSONResponse:
         return await _receiver().healthz(request)
 
@@ -342,6 +379,7 @@ def create_app(settings: Settings, *, redis_url: str | None = None) -> Starlette
             Route(WEBHOOK_PATH, receive, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
+            Route("/metrics", metrics_route, methods=["GET"]),
         ],
         lifespan=lifespan,
     )
