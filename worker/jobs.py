@@ -143,7 +143,14 @@ async def shutdown(ctx: Ctx) -> None:
 
 def functions(settings: Settings) -> list[Function]:
     return [
-        func(sync_scope, name=queue.SYNC_SCOPE, keep_result=0, max_tries=settings.sync_max_tries),
+        # A short timeout: when a worker dies mid-job, arq runs the job again once it expires.
+        func(
+            sync_scope,
+            name=queue.SYNC_SCOPE,
+            keep_result=0,
+            max_tries=settings.sync_max_tries,
+            timeout=120,
+        ),
         func(sweep_inbox, name=queue.SWEEP_INBOX, keep_result=0, max_tries=1),
         func(resync_all, name=queue.RESYNC_ALL, keep_result=0, max_tries=1, timeout=24 * 3600),
         func(remind_expiring, name=queue.REMIND_EXPIRING, keep_result=0, max_tries=1, timeout=3600),

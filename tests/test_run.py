@@ -1,0 +1,110 @@
+"""`seat-sync run` on the embedded defaults: no DATABASE_URL, no REDIS_URL, one command."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import SIM_TOKEN, WEBHOOK_SECRET
+from worker.simulator.server import SimulatedPolar
+
+SEAT_SYNC = str(Path(sys.executable).with_name("seat-sync"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def seats_json(env: dict[str, str], cwd: Path) -> list[dict[str, object]]:
+    proc = await asyncio.create_subprocess_exec(
+        SEAT_SYNC,
+        "seats",
+        "--format",
+        "json",
+        env=env,
+        cwd=cwd,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()
+    rows: list[dict[str, object]] = json.loads(out)
+    return rows
+
+
+async def test_run_mirrors_webhooks_on_embedded_defaults(
+    sim: SimulatedPolar, tmp_path: Path
+) -> None:
+    port = free_port()
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("POLAR_", "DATABASE_", "REDIS_"))
+    }
+    env.update(
+        POLAR_API_URL=sim.base_url,
+        POLAR_ACCESS_TOKEN=SIM_TOKEN,
+        POLAR_WEBHOOK_SECRET=WEBHOOK_SECRET,
+        LOG_FORMAT="json",
+    )
+    log_path = tmp_path / "run.log"
+    with log_path.open("wb") as log_file:
+        proc = await asyncio.create_subprocess_exec(
+            SEAT_SYNC,
+            "run",
+            "--port",
+            str(port),
+            env=env,
+            cwd=tmp_path,
+            stdout=log_file,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        try:
+            async with httpx.AsyncClient() as client:
+                for _ in range(300):
+                    try:
+                        if (await client.get(f"http://127.0.0.1:{port}/readyz")).status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        pass
+                    await asyncio.sleep(0.05)
+                else:
+                    raise AssertionError("run never became ready:\n" + log_path.read_text())
+            assert (tmp_path / "seat-sync.db").exists()  # the default SQLite file
+            assert (tmp_path / ".seat-sync" / "redis.sock").exists()  # the private Redis
+
+            sim.webhooks.configure(
+                url=f"http://127.0.0.1:{port}/webhooks/polar", secret=WEBHOOK_SECRET
+            )
+            sub = sim.state.create_subscription(seats=2)
+            seat = sim.state.assign(subscription_id=sub["id"], email="run@example.com")
+            await sim.webhooks.flush()
+            started = time.monotonic()
+            while time.monotonic() - started < 10:
+                if any(r["id"] == seat["id"] for r in await seats_json(env, tmp_path)):
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("the seat never reached the mirror:\n" + log_path.read_text())
+            sim.state.claim(seat["id"])
+            await sim.webhooks.flush()
+            while time.monotonic() - started < 20:
+                rows = await seats_json(env, tmp_path)
+                if [r["status"] for r in rows if r["id"] == seat["id"]] == ["claimed"]:
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("the claim never reached the mirror:\n" + log_path.read_text())
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            code = await asyncio.wait_for(proc.wait(), 30)
+    assert code == 0, log_path.read_text()
+    assert not (tmp_path / ".seat-sync" / "redis.sock").exists()  # its Redis stopped with it
