@@ -6,7 +6,7 @@ import json
 import re
 from collections.abc import AsyncIterator
 from datetime import datetime
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import httpx
 from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
@@ -141,13 +141,11 @@ class _Pagination(_Model):
     max_page: int
 
 
-class _SubscriptionPage(_Model):
-    items: list[Subscription]
-    pagination: _Pagination
+P = TypeVar("P", bound=_Model)
 
 
-class _OrderPage(_Model):
-    items: list[Order]
+class _Page(_Model, Generic[P]):
+    items: list[P]
     pagination: _Pagination
 
 
@@ -388,42 +386,41 @@ class PolarClient:
         data = await self._request("POST", "/v1/customer-seats", what=what, lane=lane, body=body)
         return self._parse(CustomerSeat, data, what=what)
 
-    async def iter_subscriptions(
-        self, *, start_page: int = 1, lane: Lane = "resync"
-    ) -> AsyncIterator[tuple[int, int, list[Subscription]]]:
-        """Yield (page, max_page, items) oldest first; stable while new ones are created."""
+    async def _pages(
+        self, path: str, sorting: str, model: type[_Page[P]], noun: str, start_page: int, lane: Lane
+    ) -> AsyncIterator[tuple[int, int, list[P]]]:
         page = start_page
         while True:
-            what = f"list subscriptions page {page}"
+            what = f"list {noun} page {page}"
             data = await self._request(
                 "GET",
-                "/v1/subscriptions/",
+                path,
                 what=what,
                 lane=lane,
-                params={"page": page, "limit": PAGE_LIMIT, "sorting": "started_at"},
+                params={"page": page, "limit": PAGE_LIMIT, "sorting": sorting},
             )
-            parsed = self._parse(_SubscriptionPage, data, what=what)
+            parsed = self._parse(model, data, what=what)
             yield page, parsed.pagination.max_page, parsed.items
             if page >= parsed.pagination.max_page or not parsed.items:
                 return
             page += 1
 
-    async def iter_orders(
+    def iter_subscriptions(
+        self, *, start_page: int = 1, lane: Lane = "resync"
+    ) -> AsyncIterator[tuple[int, int, list[Subscription]]]:
+        """Yield (page, max_page, items) oldest first: sorted by start, pages do not shift
+        while new subscriptions are created (Polar's default is newest first)."""
+        return self._pages(
+            "/v1/subscriptions/",
+            "started_at",
+            _Page[Subscription],
+            "subscriptions",
+            start_page,
+            lane,
+        )
+
+    def iter_orders(
         self, *, start_page: int = 1, lane: Lane = "resync"
     ) -> AsyncIterator[tuple[int, int, list[Order]]]:
         """Yield (page, max_page, items) oldest first."""
-        page = start_page
-        while True:
-            what = f"list orders page {page}"
-            data = await self._request(
-                "GET",
-                "/v1/orders/",
-                what=what,
-                lane=lane,
-                params={"page": page, "limit": PAGE_LIMIT, "sorting": "created_at"},
-            )
-            parsed = self._parse(_OrderPage, data, what=what)
-            yield page, parsed.pagination.max_page, parsed.items
-            if page >= parsed.pagination.max_page or not parsed.items:
-                return
-            page += 1
+        return self._pages("/v1/orders/", "created_at", _Page[Order], "orders", start_page, lane)
