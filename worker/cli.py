@@ -111,6 +111,16 @@ async def prepare_database(settings: Settings) -> None:
         await asyncio.to_thread(upgrade, settings.database_url)
 
 
+async def ensure_schema(settings: Settings) -> None:
+    """Before a long-running process starts: SQLite upgrades itself, others must be current."""
+    await prepare_database(settings)
+    services = await Services.start(settings, redis_url=None, polar=False)
+    try:
+        await check_schema(services.engine)
+    finally:
+        await services.close()
+
+
 def require_database_file(settings: Settings) -> None:
     if is_sqlite(settings.database_url):
         path = sqlite_path(settings.database_url)
@@ -154,12 +164,7 @@ async def _worker_main(settings: Settings, *, with_web: bool, host: str, port: i
     redis_url, embedded = await resolve_redis_url(settings, start=True)
     assert redis_url is not None
     try:
-        await prepare_database(settings)
-        services = await Services.start(settings, redis_url=None, polar=False)
-        try:
-            await check_schema(services.engine)
-        finally:
-            await services.close()
+        await ensure_schema(settings)
         worker = build_worker(settings, redis_url, handle_signals=False)
         parts: list[Callable[[], Coroutine[Any, Any, None]]] = [worker.async_run]
         if with_web:
@@ -232,6 +237,7 @@ def web(
     async def main() -> None:
         from worker.webhooks import serve
 
+        await ensure_schema(settings)
         redis_url, _ = await resolve_redis_url(settings, start=False)
         await serve(settings, host=host, port=port or default_port(), redis_url=redis_url)
 

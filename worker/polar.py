@@ -72,30 +72,33 @@ class _Model(BaseModel):
 class Member(_Model):
     id: str
     created_at: datetime
-    modified_at: datetime | None
+    modified_at: datetime | None = None
     customer_id: str
     email: str
-    name: str | None
-    external_id: str | None
+    name: str | None = None
+    external_id: str | None = None
     role: str
 
 
 class CustomerSeat(_Model):
+    """Polar sends every key; nullable ones default to None so that a stand-in that omits
+    them still parses."""
+
     id: str
     created_at: datetime
-    modified_at: datetime | None
-    subscription_id: str | None
-    order_id: str | None
+    modified_at: datetime | None = None
+    subscription_id: str | None = None
+    order_id: str | None = None
     status: Literal["pending", "claimed", "revoked"]
-    customer_id: str | None
-    member_id: str | None
-    member: Member | None
-    email: str | None
-    customer_email: str | None
-    invitation_token_expires_at: datetime | None
-    claimed_at: datetime | None
-    revoked_at: datetime | None
-    seat_metadata: dict[str, Any] | None
+    customer_id: str | None = None
+    member_id: str | None = None
+    member: Member | None = None
+    email: str | None = None
+    customer_email: str | None = None
+    invitation_token_expires_at: datetime | None = None
+    claimed_at: datetime | None = None
+    revoked_at: datetime | None = None
+    seat_metadata: dict[str, Any] | None = None
 
 
 class SeatsList(_Model):
