@@ -322,6 +322,12 @@ def machine() -> dict[str, Any]:
     }
 
 
+def _command() -> str:
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    target = f"-m {spec.name}" if spec is not None else sys.argv[0]
+    return " ".join([".venv/bin/python", target, *sys.argv[1:]])
+
+
 def report(name: str, figures: list[Figure], extra: dict[str, Any] | None = None) -> Path:
     """Print the table and write bench/results/<name>.json."""
     header = ["figure", "measured", "reference (same run)", "target", ""]
@@ -337,7 +343,7 @@ def report(name: str, figures: list[Figure], extra: dict[str, Any] | None = None
     payload = {
         "name": name,
         "machine": machine(),
-        "command": " ".join([Path(PYTHON).name, *sys.argv]),
+        "command": _command(),
         "figures": [f.__dict__ for f in figures],
         **(extra or {}),
     }

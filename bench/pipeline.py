@@ -20,13 +20,14 @@ from typing import Any
 from arq.connections import ArqRedis, create_pool
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlmodel import col
 
 from bench.common import (
     REDIS_URL,
     RESULTS,
-    RawPoster,
     SEATS_PATH,
     SIM_TOKEN,
+    RawPoster,
     database,
     free_port,
     fresh_redis,
@@ -105,9 +106,8 @@ class Pipeline:
     # ------------------------------------------------------------------ mirror side
 
     async def mirror(self) -> list[Any]:
-        query = select(
-            Seat.id, Seat.status, Seat.email, Seat.member_id, Seat.claimed_at, Seat.revoked_at
-        ).where(Seat.gone_at.is_(None))  # type: ignore[union-attr]
+        columns = ("id", "status", "email", "member_id", "claimed_at", "revoked_at")
+        query = select(*(col(getattr(Seat, c)) for c in columns)).where(col(Seat.gone_at).is_(None))
         async with self.engine.connect() as conn:
             return list((await conn.execute(query)).all())
 
@@ -151,7 +151,7 @@ async def pipeline(
     """Everything started and the mirror in sync with the seeded simulator; log cleared."""
     limit = budget or 1_000_000
     RESULTS.mkdir(parents=True, exist_ok=True)
-    log_file = (RESULTS / "pipeline.worker.log").open("w")  # noqa: SIM115 - closed below
+    log_file = (RESULTS / "pipeline.worker.log").open("w")
     logs.configure(log_format="json", level="INFO", stream=log_file)
     sim = SimulatedPolar(token=SIM_TOKEN, rate_limit=limit, latency=latency, seed=11)
     scope_ids = seed_scopes(sim.state, scopes=scopes, seats=seats, capacity=capacity)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import ARRAY, String, any_, cast, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
@@ -173,9 +173,16 @@ async def _load_existing(
     existing = {row.id: dict(row._mapping) for row in result}
     # A seat id seen under another container would be a Polar bug, but must not crash us.
     strays = [i for i in ids if i not in existing]
+    postgres = session.get_bind().dialect.name == "postgresql"
     for start in range(0, len(strays), 500):
         chunk = strays[start : start + 500]
-        result = await session.execute(select(*columns).where(col(Seat.id).in_(chunk)))
+        # One array parameter on PostgreSQL: a 500-parameter IN is re-planned every time.
+        where = (
+            col(Seat.id) == any_(cast(chunk, ARRAY(String)))
+            if postgres
+            else col(Seat.id).in_(chunk)
+        )
+        result = await session.execute(select(*columns).where(where))
         existing.update({row.id: dict(row._mapping) for row in result})
     return existing
 
@@ -271,12 +278,12 @@ async def reconcile_scope(
         )
 
     if inserts:
-        await session.execute(insert(Seat), inserts)
+        await session.execute(insert(Seat).execution_options(render_nulls=True), inserts)
     if updates:
         for group in _group_by_keys(updates):
             await session.execute(update(Seat), group)
     if changes:
-        await session.execute(insert(SeatChange), changes)
+        await session.execute(insert(SeatChange).execution_options(render_nulls=True), changes)
 
     result.inserted = len(inserts)
     result.updated = len(updates) - len(vanished)
