@@ -2,7 +2,8 @@
 
 A sliding window log (not a fixed window) so that however Polar's own fixed window is
 aligned, no 60 s span ever sees more than POLAR_REQUESTS_PER_MINUTE of our calls. Lower
-lanes may only fill part of the window, so a full resync never starves webhook syncs.
+lanes leave a reserve that grows with recent webhook traffic, so a full resync never
+starves webhook syncs yet uses nearly the whole budget when webhooks are quiet.
 A 429 pauses every process until its retry-after has passed.
 """
 
@@ -15,38 +16,54 @@ from typing import Any
 from worker.polar import Lane
 
 KEY_LOG = "seat-sync:budget:log"
+KEY_WEBHOOK_LOG = "seat-sync:budget:log:webhook"
 KEY_PAUSE = "seat-sync:budget:paused-until"
 WINDOW_MS = 60_000
 
-# Share of the per-minute budget each lane may fill; the rest stays free for higher lanes.
-LANE_SHARE: dict[str, float] = {
-    "interactive": 1.0,
-    "webhook": 1.0,
-    "reminder": 0.85,
-    "resync": 0.7,
+# Lower lanes leave room for webhook-driven syncs: a floor of the window, or a multiple of
+# what webhook syncs actually used in the last window, whichever is larger. So a full
+# resync runs near the whole budget when webhooks are quiet, and yields when they are not.
+LANE_RESERVE: dict[str, tuple[float, int]] = {
+    # lane: (floor as a share of the window, multiple of recent webhook-lane calls)
+    "interactive": (0.0, 0),
+    "webhook": (0.0, 0),
+    "reminder": (0.05, 1),
+    "resync": (0.05, 2),
 }
+TOP_LANES = ("webhook", "interactive")
 
-# KEYS[1] log zset, KEYS[2] pause key; ARGV: limit, window_ms, member.
+# KEYS: all-calls log, webhook-lane log, pause key.
+# ARGV: limit, window_ms, member, reserve floor (calls), reserve multiple, is-top-lane.
 # Returns 0 when a slot was taken, else milliseconds to wait before asking again.
 _ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local paused = tonumber(redis.call('GET', KEYS[2]) or '0')
+local paused = tonumber(redis.call('GET', KEYS[3]) or '0')
 if paused > now then return paused - now end
 local window = tonumber(ARGV[2])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - window)
 local used = redis.call('ZCARD', KEYS[1])
-if used < tonumber(ARGV[1]) then
+local limit = tonumber(ARGV[1])
+local reserve = tonumber(ARGV[4])
+local recent = redis.call('ZCARD', KEYS[2]) * tonumber(ARGV[5])
+if recent > reserve then reserve = recent end
+if reserve > limit - 1 then reserve = limit - 1 end
+if used < limit - reserve then
   redis.call('ZADD', KEYS[1], now, ARGV[3])
   redis.call('PEXPIRE', KEYS[1], window * 2)
+  if ARGV[6] == '1' then
+    redis.call('ZADD', KEYS[2], now, ARGV[3])
+    redis.call('PEXPIRE', KEYS[2], window * 2)
+  end
   return 0
 end
 local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 local wait = tonumber(oldest[2]) + window - now
 if wait < 1 then wait = 1 end
+if wait > 250 and reserve > 0 then wait = 250 end
 return wait
 """
-
 _PAUSE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -77,17 +94,17 @@ class RedisBudget:
         self._pause = redis.register_script(_PAUSE)
         self._used = redis.register_script(_USED)
 
-    def lane_limit(self, lane: Lane) -> int:
-        return max(1, int(self.per_minute * LANE_SHARE.get(lane, 1.0)))
-
     async def acquire(self, lane: Lane) -> None:
         """Wait until this process may make one more call in `lane`."""
-        limit = self.lane_limit(lane)
+        share, multiple = LANE_RESERVE.get(lane, (0.0, 0))
+        floor = int(self.per_minute * share)
+        top = "1" if lane in TOP_LANES else "0"
         member = uuid.uuid4().hex
         while True:
             wait_ms = int(
                 await self._acquire(
-                    keys=[KEY_LOG, KEY_PAUSE], args=[limit, self._window_ms, member]
+                    keys=[KEY_LOG, KEY_WEBHOOK_LOG, KEY_PAUSE],
+                    args=[self.per_minute, self._window_ms, member, floor, multiple, top],
                 )
             )
             if wait_ms <= 0:
