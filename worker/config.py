@@ -49,6 +49,8 @@ class Settings(BaseSettings):
 
     sync_max_tries: int = Field(default=8, ge=1)
     sync_retry_base_seconds: float = Field(default=1.0, gt=0)
+    # At most one sync of a scope per interval while events keep arriving (0: no limit).
+    sync_min_interval_seconds: float = Field(default=1.0, ge=0)
     resync_interval_minutes: float = Field(default=360, gt=0)
     resync_concurrency: int = Field(default=4, ge=1, le=32)
     remind_interval_minutes: float = Field(default=15, gt=0)

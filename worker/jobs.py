@@ -38,7 +38,9 @@ async def sync_scope(ctx: Ctx, *, kind: str, scope_id: str, trigger: str = "webh
     job_try: int = ctx.get("job_try", 1)
     bound = log.bind(job_id=ctx.get("job_id"), scope_kind=kind, scope_id=scope_id, job_try=job_try)
     if services.redis is not None:
-        await queue.sync_started(services.redis, kind, scope_id)
+        await queue.sync_started(
+            services.redis, kind, scope_id, min_interval=services.settings.sync_min_interval_seconds
+        )
     try:
         outcome = await sync.sync_scope(
             services,

@@ -3,13 +3,19 @@
 Coalescing without loss: a scope has at most one sync job *waiting* at any time (the
 `queued` flag, set with NX). A job clears the flag before it fetches, so an event recorded
 while the job runs enqueues exactly one follow-up job, whose fetch starts after that event.
-Hence: after the last event of a burst the mirror reflects a fetch that started after it,
-and a burst costs at most two list calls per scope (the running one and one follow-up).
+Hence: after the last event of a burst the mirror reflects a fetch that started after it.
+
+Frugal too: a follow-up waits until SYNC_MIN_INTERVAL_SECONDS after the previous sync of
+the scope started (a deferred job, still started after the event), so a burst costs one
+list call per scope plus at most one per interval while it lasts — two for a burst shorter
+than the interval — and one hot scope cannot spend the organisation's whole rate budget.
 """
 
 from __future__ import annotations
 
+import time
 import uuid
+from datetime import timedelta
 from typing import Any
 
 from arq.connections import ArqRedis, RedisSettings
@@ -36,6 +42,14 @@ def queued_key(kind: str, scope_id: str) -> str:
     return f"seat-sync:queued:{kind}:{scope_id}"
 
 
+def next_allowed_key(kind: str, scope_id: str) -> str:
+    return f"seat-sync:next-sync-at:{kind}:{scope_id}"
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
 async def request_sync(
     redis: ArqRedis, kind: str, scope_id: str, *, trigger: str = "webhook"
 ) -> bool:
@@ -45,6 +59,8 @@ async def request_sync(
     if not await redis.set(key, trigger, nx=True, ex=QUEUED_FLAG_TTL_S):
         return False
     try:
+        allowed_at = await redis.get(next_allowed_key(kind, scope_id))
+        wait_ms = int(allowed_at) - _now_ms() if allowed_at is not None else 0
         await redis.enqueue_job(
             SYNC_SCOPE,
             kind=kind,
@@ -52,6 +68,7 @@ async def request_sync(
             trigger=trigger,
             _job_id=f"sync:{kind}:{scope_id}:{uuid.uuid4().hex}",
             _queue_name=QUEUE_NAME,
+            _defer_by=timedelta(milliseconds=wait_ms) if wait_ms > 0 else None,
         )
     except BaseException:
         await _forget_flag(redis, key)
@@ -66,9 +83,17 @@ async def _forget_flag(redis: ArqRedis, key: str) -> None:
         return
 
 
-async def sync_started(redis: ArqRedis, kind: str, scope_id: str) -> None:
-    """Called by the job before it fetches: later events must enqueue a follow-up."""
-    await redis.delete(queued_key(kind, scope_id))
+async def sync_started(
+    redis: ArqRedis, kind: str, scope_id: str, *, min_interval: float = 0.0
+) -> None:
+    """Called by the job before it fetches: later events must enqueue a follow-up, which
+    may not start before `min_interval` seconds from now."""
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.delete(queued_key(kind, scope_id))
+        if min_interval > 0:
+            interval_ms = int(min_interval * 1000)
+            pipe.set(next_allowed_key(kind, scope_id), _now_ms() + interval_ms, px=interval_ms)
+        await pipe.execute()
 
 
 async def enqueue_unique(redis: ArqRedis, function: str, **kwargs: Any) -> bool:
