@@ -88,6 +88,8 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
         fail(str(exc))
     except (OperationalError, DBAPIError) as exc:
         fail(f"database error: {str(exc.orig or exc).splitlines()[0]}")
+    except OSError as exc:  # connection refused, unknown host, ...
+        fail(f"cannot connect: {exc.strerror or exc}")
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
 
@@ -165,8 +167,13 @@ async def _worker_main(settings: Settings, *, with_web: bool, host: str, port: i
     assert redis_url is not None
     try:
         await ensure_schema(settings)
-        worker = build_worker(settings, redis_url, handle_signals=False)
-        parts: list[Callable[[], Coroutine[Any, Any, None]]] = [worker.async_run]
+
+        async def supervised_worker() -> None:
+            await _keep_worker_running(
+                lambda: build_worker(settings, redis_url, handle_signals=False)
+            )
+
+        parts: list[Callable[[], Coroutine[Any, Any, None]]] = [supervised_worker]
         if with_web:
             from worker.webhooks import serve
 
@@ -182,13 +189,35 @@ async def _worker_main(settings: Settings, *, with_web: bool, host: str, port: i
             redis="embedded" if embedded else "external",
             web=f"http://{host}:{port}" if with_web else None,
         )
-        try:
-            await _run_until_signalled(parts)
-        finally:
-            await worker.close()
+        await _run_until_signalled(parts)
     finally:
         if embedded is not None:
             await embedded.stop()
+
+
+async def _keep_worker_running(make: Callable[[], Any], *, max_delay: float = 30.0) -> None:
+    """arq's worker stops when Redis goes away: build a new one once Redis is back, rather
+    than leaving the process to a supervisor's restart backoff."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    delay = 1.0
+    loop = asyncio.get_running_loop()
+    while True:
+        worker = make()
+        started = loop.time()
+        try:
+            await worker.async_run()
+            return
+        except (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError) as exc:
+            if loop.time() - started > 60:
+                delay = 1.0
+            log.warning("worker_redis_lost", error=type(exc).__name__, retry_in=delay)
+        finally:
+            with contextlib.suppress(Exception):
+                await worker.close()
+        await asyncio.sleep(delay)
+        delay = min(max_delay, delay * 2)
 
 
 def default_port() -> int:

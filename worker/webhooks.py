@@ -135,14 +135,33 @@ def parse_envelope(body: bytes) -> tuple[str, dict[str, Any]]:
     try:
         raw = body.decode("utf-8")
         envelope = json.loads(raw)
-    except ValueError:  # UnicodeDecodeError and JSONDecodeError both are
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, or nested beyond reason
         raise BadRequest("body is not JSON") from None
     if not isinstance(envelope, dict):
         raise BadRequest("body is not a JSON object")
     event_type = envelope.get("type")
     if not isinstance(event_type, str) or not event_type:
         raise BadRequest("body has no event type")
+    if _has_nul(envelope):
+        # PostgreSQL text cannot hold NUL: refuse it (400) rather than fail the commit
+        # (503) on every one of Polar's retries until it disables the endpoint.
+        raise BadRequest("body contains NUL characters")
     return raw, envelope
+
+
+def _has_nul(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 # ---------------------------------------------------------------------- the app
