@@ -10,8 +10,9 @@ from typing import Any
 import structlog
 from arq.connections import ArqRedis
 from sqlalchemy import and_, exists, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from sqlmodel import col
+from sqlmodel import SQLModel, col
 
 from worker import queue, routing
 from worker.db import retry_transaction
@@ -142,26 +143,53 @@ async def record_delivery(
     """Store a verified delivery and the scopes it asks to sync (flushes, never commits).
 
     A webhook-id we already hold is a redelivery: nothing is written. Two processes
-    racing on the same id end with one IntegrityError at commit, which the caller treats
-    as a duplicate too.
+    racing on the same id: the second one's insert does nothing, so it is a duplicate too.
     """
-    if await session.get(WebhookDelivery, webhook_id) is not None:
-        return Recorded(duplicate=True)
-    delivery = WebhookDelivery(
-        webhook_id=webhook_id,
-        event_type=event_type[:64],
-        event_timestamp=parse_event_timestamp(envelope.get("timestamp")),
-        payload=payload,
-        received_at=now,
-    )
-    session.add(delivery)
     scopes, routing_error = await _route_safely(session, event_type, envelope.get("data"))
-    if routing_error is None:
-        await _store_scopes(session, delivery, scopes, now)
-    else:
-        delivery.error = routing_error
-    await session.flush()
-    return Recorded(duplicate=False, scopes=tuple(scopes), routed=routing_error is None)
+    routed = routing_error is None
+    # One statement decides new vs redelivery (the webhook-id is the primary key), so the
+    # hot path costs a single round trip; a concurrent twin loses here, not at commit.
+    inserted = (
+        await session.execute(
+            _insert_ignoring_conflict(session, WebhookDelivery)
+            .values(
+                webhook_id=webhook_id,
+                event_type=event_type[:64],
+                event_timestamp=parse_event_timestamp(envelope.get("timestamp")),
+                payload=payload,
+                received_at=now,
+                routed_at=now if routed else None,
+                processed_at=now if routed and not scopes else None,
+                outcome="ignored" if routed and not scopes else None,
+                error=routing_error,
+            )
+            .returning(col(WebhookDelivery.webhook_id))
+        )
+    ).scalar_one_or_none()
+    if inserted is None:
+        return Recorded(duplicate=True)
+    if routed and scopes:
+        await session.execute(
+            _insert_ignoring_conflict(session, WebhookDeliveryScope),
+            [
+                {
+                    "webhook_id": webhook_id,
+                    "scope_kind": ref.kind,
+                    "scope_id": ref.scope_id,
+                    "received_at": now,
+                    "processed_at": None,
+                    "sync_run_id": None,
+                }
+                for ref in scopes
+            ],
+        )
+    return Recorded(duplicate=False, scopes=tuple(scopes), routed=routed)
+
+
+def _insert_ignoring_conflict(session: AsyncSession, table: type[SQLModel]) -> Any:
+    if session.get_bind().dialect.name == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing()
+    return sqlite.insert(table).on_conflict_do_nothing()
 
 
 # ---------------------------------------------------------------------- sweeping
