@@ -282,11 +282,11 @@ async def test_a_sync_answers_only_deliveries_recorded_before_its_fetch_started(
     assert rows["after"].processed_at is None
 
 
-def test_the_worker_sweeps_at_startup_and_every_minute() -> None:
+def test_the_worker_sweeps_at_startup_and_every_fifteen_seconds() -> None:
     settings = Settings(database_url="sqlite:///unused.db", polar_access_token="t")
     worker = build_worker(settings, "redis://127.0.0.1:6379/9", burst=True, handle_signals=False)
     (sweep,) = [c for c in worker.cron_jobs if c.name == queue.SWEEP_INBOX]
     assert sweep.run_at_startup
     assert sweep.unique
-    assert sweep.second == 0 and sweep.minute is None
+    assert sweep.second == {0, 15, 30, 45} and sweep.minute is None
     assert queue.SWEEP_INBOX in worker.functions

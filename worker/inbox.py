@@ -167,6 +167,8 @@ async def record_delivery(
         )
     ).scalar_one_or_none()
     if inserted is None:
+        # A redelivery: answered without new work. Should its first receipt never have
+        # reached Redis, the sweeper requests its sync.
         return Recorded(duplicate=True)
     if routed and scopes:
         await session.execute(

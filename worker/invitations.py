@@ -337,6 +337,7 @@ async def _advance_renewal(services: Services, row: InvitationRenewal, report: R
                 # The assign went through before a crash: it is done, do not assign again.
                 await _set_renewal(services, row.id, state="assigned", error=None)
                 report.count("assigned")
+                bound.info("renewal_already_assigned")
             elif exc.error == "SeatNotAvailable":
                 await _set_renewal(services, row.id, state="slot_taken", error=str(exc))
                 report.count("slot_taken")
@@ -344,17 +345,19 @@ async def _advance_renewal(services: Services, row: InvitationRenewal, report: R
             else:
                 await _set_renewal(services, row.id, state="failed", error=str(exc))
                 report.count("failed")
-            return
-        await _set_renewal(
-            services,
-            row.id,
-            state="assigned",
-            new_seat_id=seat.id,
-            new_expires_at=seat.invitation_token_expires_at,
-            error=None,
-        )
-        report.count("assigned")
-        bound.info("renewal_assigned", new_seat_id=seat.id)
+                bound.warning("renewal_failed", error=str(exc))
+        else:
+            await _set_renewal(
+                services,
+                row.id,
+                state="assigned",
+                new_seat_id=seat.id,
+                new_expires_at=seat.invitation_token_expires_at,
+                error=None,
+            )
+            report.count("assigned")
+            bound.info("renewal_assigned", new_seat_id=seat.id)
+    # Whatever the end state, Polar changed: mirror it now rather than at the next resync.
     if services.redis is not None:
         await queue.request_sync(services.redis, row.scope_kind, row.scope_id, trigger="renewal")
 

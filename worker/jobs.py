@@ -25,6 +25,15 @@ log = structlog.get_logger("worker.jobs")
 
 Ctx = dict[str, Any]
 
+# arq keeps a job "in progress" for the longest timeout of all functions (+10 s): a job
+# whose worker was killed is retried only after that. A full pass is resumable and cron
+# resumes it every minute, so a pass is cut into 15-minute slices rather than one long job.
+RESYNC_TIMEOUT_S = 900
+REMIND_TIMEOUT_S = 600
+SYNC_TIMEOUT_S = 120
+# A scope run still `running` after its job's timeout belongs to a dead worker.
+STALE_RUN = timedelta(seconds=SYNC_TIMEOUT_S * 5)
+
 
 def backoff_seconds(job_try: int, *, base: float = 1.0, cap: float = 120.0) -> float:
     """Exponential backoff with jitter: 1-2 s, 2-4 s, 4-8 s ... (times `base`) up to `cap`."""
@@ -75,6 +84,9 @@ async def sweep_inbox(ctx: Ctx, *, min_age_seconds: float | None = None) -> int:
     redis = services.redis if services.redis is not None else ctx["redis"]
     min_age = inbox.SWEEP_MIN_AGE if min_age_seconds is None else timedelta(seconds=min_age_seconds)
     result = await inbox.sweep_inbox(services.sessions, redis, min_age=min_age)
+    abandoned = await sync.abandon_stale_runs(services, older_than=STALE_RUN)
+    if abandoned:
+        log.warning("sync_runs_abandoned", count=abandoned)
     if result.scopes or result.routed or result.closed:
         log.info(
             "inbox_swept",
@@ -151,11 +163,19 @@ def functions(settings: Settings) -> list[Function]:
             name=queue.SYNC_SCOPE,
             keep_result=0,
             max_tries=settings.sync_max_tries,
-            timeout=120,
+            timeout=SYNC_TIMEOUT_S,
         ),
         func(sweep_inbox, name=queue.SWEEP_INBOX, keep_result=0, max_tries=1),
-        func(resync_all, name=queue.RESYNC_ALL, keep_result=0, max_tries=1, timeout=24 * 3600),
-        func(remind_expiring, name=queue.REMIND_EXPIRING, keep_result=0, max_tries=1, timeout=3600),
+        func(
+            resync_all, name=queue.RESYNC_ALL, keep_result=0, max_tries=1, timeout=RESYNC_TIMEOUT_S
+        ),
+        func(
+            remind_expiring,
+            name=queue.REMIND_EXPIRING,
+            keep_result=0,
+            max_tries=1,
+            timeout=REMIND_TIMEOUT_S,
+        ),
     ]
 
 
@@ -174,7 +194,7 @@ def build_worker(
         cron(
             sweep_inbox,
             name=queue.SWEEP_INBOX,
-            second=0,
+            second={0, 15, 30, 45},
             run_at_startup=True,
             unique=True,
             keep_result=0,
@@ -186,7 +206,7 @@ def build_worker(
             run_at_startup=True,
             unique=True,
             keep_result=0,
-            timeout=24 * 3600,
+            timeout=RESYNC_TIMEOUT_S,
             max_tries=1,
         ),
         cron(
@@ -196,7 +216,7 @@ def build_worker(
             run_at_startup=True,
             unique=True,
             keep_result=0,
-            timeout=3600,
+            timeout=REMIND_TIMEOUT_S,
             max_tries=1,
         ),
     ]

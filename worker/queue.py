@@ -19,9 +19,11 @@ from datetime import timedelta
 from typing import Any
 
 from arq.connections import ArqRedis, RedisSettings
+from arq.constants import job_key_prefix
 
 QUEUE_NAME = "seat-sync:queue"
 QUEUED_FLAG_TTL_S = 300  # a lost job (Redis restarted between flag and enqueue) self-heals
+ORPHAN_GRACE_S = 5
 
 SYNC_SCOPE = "sync_scope"
 SWEEP_INBOX = "sweep_inbox"
@@ -56,8 +58,12 @@ async def request_sync(
     """Make sure a sync of the scope will start after now. True when a job was enqueued,
     False when one is already waiting (it will start later, so it covers this request)."""
     key = queued_key(kind, scope_id)
-    if not await redis.set(key, trigger, nx=True, ex=QUEUED_FLAG_TTL_S):
-        return False
+    job_id = f"sync:{kind}:{scope_id}:{uuid.uuid4().hex}"
+    if not await redis.set(key, job_id, nx=True, ex=QUEUED_FLAG_TTL_S):
+        if not await _drop_orphaned_flag(redis, key):
+            return False
+        if not await redis.set(key, job_id, nx=True, ex=QUEUED_FLAG_TTL_S):
+            return False
     try:
         allowed_at = await redis.get(next_allowed_key(kind, scope_id))
         wait_ms = int(allowed_at) - _now_ms() if allowed_at is not None else 0
@@ -66,7 +72,7 @@ async def request_sync(
             kind=kind,
             scope_id=scope_id,
             trigger=trigger,
-            _job_id=f"sync:{kind}:{scope_id}:{uuid.uuid4().hex}",
+            _job_id=job_id,
             _queue_name=QUEUE_NAME,
             _defer_by=timedelta(milliseconds=wait_ms) if wait_ms > 0 else None,
         )
@@ -74,6 +80,30 @@ async def request_sync(
         await _forget_flag(redis, key)
         raise
     return True
+
+
+# Delete the flag only if it still names the job we found missing.
+_DELETE_IF_EQUAL = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+async def _drop_orphaned_flag(redis: ArqRedis, key: str) -> bool:
+    """A process that died between setting the flag and enqueueing leaves a flag with no
+    job: it would block the scope until the TTL. A job clears the flag when it starts and
+    keeps its job key until it ends, so "flag older than a few seconds, no job key" is an
+    orphan."""
+    raw = await redis.get(key)
+    if raw is None:
+        return True
+    flagged = raw.decode() if isinstance(raw, bytes) else str(raw)
+    if not flagged.startswith("sync:") or await redis.exists(job_key_prefix + flagged):
+        return False
+    if await redis.ttl(key) > QUEUED_FLAG_TTL_S - ORPHAN_GRACE_S:
+        return False  # just set: its process is probably enqueueing right now
+    delete_if_equal = redis.register_script(_DELETE_IF_EQUAL)
+    return bool(await delete_if_equal(keys=[key], args=[flagged]))
 
 
 async def _forget_flag(redis: ArqRedis, key: str) -> None:

@@ -34,7 +34,7 @@ from worker.services import Services
 log = structlog.get_logger("worker.resync")
 
 LOCK_KEY = "seat-sync:lock:resync-all"
-LOCK_TTL_MS = 120_000
+LOCK_TTL_MS = 15_000  # refreshed every TTL/4: a killed pass frees the lock quickly
 ITEM_TRIES = 4
 
 Progress = Callable[[int, int], None]

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
 
 import structlog
+from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
 
 from worker import metrics
-from worker.db import retry_transaction, transaction
+from worker.db import retry_transaction
 from worker.models import SyncRun, utcnow
 from worker.polar import Lane, NotFound, PolarError, SeatsList
 from worker.reconcile import ReconcileResult, mark_scope_gone, reconcile_scope, record_failure
@@ -71,10 +76,24 @@ async def sync_scope(
 ) -> SyncOutcome:
     """Fetch, then reconcile in one transaction. Polar errors are recorded and re-raised."""
     bound = log.bind(scope_kind=kind, scope_id=scope_id, trigger=trigger, job_id=job_id)
-    polar = services.require_polar()
+    services.require_polar()
     run_id = await _start_run(
         services, kind=kind, scope_id=scope_id, trigger=trigger, job_id=job_id
     )
+    try:
+        return await _fetch_and_reconcile(services, bound, run_id, kind, scope_id, lane)
+    except asyncio.CancelledError:
+        # Job timeout or shutdown: leave a record rather than a run stuck in `running`.
+        await asyncio.shield(
+            _finish_failed(services, run_id=run_id, kind=kind, scope_id=scope_id, error="cancelled")
+        )
+        raise
+
+
+async def _fetch_and_reconcile(
+    services: Services, bound: Any, run_id: int, kind: str, scope_id: str, lane: Lane
+) -> SyncOutcome:
+    polar = services.require_polar()
     fetch_started_at = utcnow()
     try:
         seats: SeatsList = await polar.list_scope_seats(kind, scope_id, lane=lane)
@@ -140,7 +159,21 @@ async def sync_scope(
     return SyncOutcome(run_id, kind, scope_id, status, result)
 
 
-async def open_session_check(services: Services) -> None:
-    """Fail fast when the database cannot be reached."""
-    async with transaction(services.sessions) as session:
-        await session.connection()
+async def abandon_stale_runs(services: Services, *, older_than: timedelta) -> int:
+    """Close scope runs left `running` by a worker that was killed (kill -9 leaves no
+    chance to record anything); the scope itself is re-synced by the inbox sweep."""
+
+    async def work(session: AsyncSession) -> int:
+        now = utcnow()
+        result = await session.execute(
+            update(SyncRun)
+            .where(
+                col(SyncRun.kind) == "scope",
+                col(SyncRun.finished_at).is_(None),
+                col(SyncRun.started_at) < now - older_than,
+            )
+            .values(status="abandoned", finished_at=now, error="worker died or timed out")
+        )
+        return int(getattr(result, "rowcount", 0) or 0)
+
+    return await retry_transaction(services.sessions, work)
