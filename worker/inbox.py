@@ -61,8 +61,19 @@ async def mark_scope_synced(
             col(WebhookDeliveryScope.processed_at).is_(None),
         )
     )
+    # Lock the deliveries before closing them: two syncs answering different scopes of one
+    # delivery at once would each still see the other's scope open, and neither would
+    # close it. The second waits here for the first to commit; its UPDATE then sees it.
+    # (SQLite serialises writers, so there FOR UPDATE is not needed and not emitted.)
+    answered = sorted(set(answered))
     for start in range(0, len(answered), 500):
         chunk = list(answered[start : start + 500])
+        await session.execute(
+            select(col(WebhookDelivery.webhook_id))
+            .where(col(WebhookDelivery.webhook_id).in_(chunk))
+            .order_by(col(WebhookDelivery.webhook_id))
+            .with_for_update()
+        )
         await session.execute(
             update(WebhookDelivery)
             .where(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import AsyncIterator
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import httpx
@@ -299,9 +299,14 @@ class PolarClient:
         lane: Lane,
         params: dict[str, Any] | None = None,
         body: dict[str, Any] | None = None,
+        sent_at: list[datetime] | None = None,
     ) -> Any:
         if self._budget is not None:
             await self._budget.acquire(lane)
+        if sent_at is not None:
+            # After the budget wait: the moment the request leaves, which is what a
+            # fetch's freshness must be measured from.
+            sent_at.append(datetime.now(UTC))
         self.calls += 1
         try:
             response = await self._http.request(
@@ -346,6 +351,7 @@ class PolarClient:
         subscription_id: str | None = None,
         order_id: str | None = None,
         lane: Lane = "webhook",
+        sent_at: list[datetime] | None = None,
     ) -> SeatsList:
         if (subscription_id is None) == (order_id is None):
             raise ValueError("give exactly one of subscription_id and order_id")
@@ -359,16 +365,24 @@ class PolarClient:
             if subscription_id is not None
             else f"list seats of order {order_id}"
         )
-        data = await self._request("GET", "/v1/customer-seats", what=what, lane=lane, params=params)
+        data = await self._request(
+            "GET", "/v1/customer-seats", what=what, lane=lane, params=params, sent_at=sent_at
+        )
         return self._parse(SeatsList, data, what=what)
 
     async def list_scope_seats(
-        self, kind: str, scope_id: str, *, lane: Lane = "webhook"
+        self,
+        kind: str,
+        scope_id: str,
+        *,
+        lane: Lane = "webhook",
+        sent_at: list[datetime] | None = None,
     ) -> SeatsList:
+        """`sent_at` receives the time the request left, after any wait for the budget."""
         if kind == "subscription":
-            return await self.list_seats(subscription_id=scope_id, lane=lane)
+            return await self.list_seats(subscription_id=scope_id, lane=lane, sent_at=sent_at)
         if kind == "order":
-            return await self.list_seats(order_id=scope_id, lane=lane)
+            return await self.list_seats(order_id=scope_id, lane=lane, sent_at=sent_at)
         raise ValueError(f"unknown scope kind {kind!r}")
 
     async def resend(self, seat_id: str, *, lane: Lane = "reminder") -> CustomerSeat:

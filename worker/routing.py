@@ -8,15 +8,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
-from worker.models import Seat, SeatScope
+from worker.models import Seat, SeatScope, SyncRun, utcnow
 
 MEMBER_TYPES = frozenset({"member.updated", "member.deleted"})
+# A scope sync started this recently and not finished may be in flight (older: it died).
+IN_FLIGHT_WINDOW = timedelta(minutes=10)
 
 
 @dataclass(frozen=True, order=True)
@@ -138,7 +141,24 @@ async def resolve(session: AsyncSession, hint: RouteHint) -> list[ScopeRef]:
             seat_scope = _scope_of_seat(subscription_id, order_id)
             if seat_scope is not None:
                 found.append(seat_scope)
+    if hint.member_id is not None or hint.member_emails:
+        found.extend(await _scopes_in_flight(session))
     return _dedupe(found)
+
+
+async def _scopes_in_flight(session: AsyncSession) -> list[ScopeRef]:
+    """Scopes whose sync has fetched but not committed: the member's seat may be in that
+    fetch with the old e-mail and not yet in the mirror, so those scopes must sync again."""
+    rows = await session.execute(
+        select(col(SyncRun.scope_kind), col(SyncRun.scope_id))
+        .where(
+            col(SyncRun.kind) == "scope",
+            col(SyncRun.finished_at).is_(None),
+            col(SyncRun.started_at) >= utcnow() - IN_FLIGHT_WINDOW,
+        )
+        .distinct()
+    )
+    return [ScopeRef(kind, scope_id) for kind, scope_id in rows.all() if kind and scope_id]
 
 
 async def route(session: AsyncSession, event_type: str, data: Any) -> list[ScopeRef]:

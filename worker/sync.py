@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
@@ -94,10 +94,13 @@ async def _fetch_and_reconcile(
     services: Services, bound: Any, run_id: int, kind: str, scope_id: str, lane: Lane
 ) -> SyncOutcome:
     polar = services.require_polar()
-    fetch_started_at = utcnow()
+    # Freshness is measured from when the request left, not from before the wait for the
+    # rate budget: a fetch that waited there reads Polar later than one started after it.
+    sent: list[datetime] = []
     try:
-        seats: SeatsList = await polar.list_scope_seats(kind, scope_id, lane=lane)
+        seats: SeatsList = await polar.list_scope_seats(kind, scope_id, lane=lane, sent_at=sent)
     except NotFound:
+        fetch_started_at = sent[-1]
 
         async def gone(session: AsyncSession) -> None:
             now = utcnow()
@@ -122,6 +125,7 @@ async def _fetch_and_reconcile(
         metrics.SYNCS.labels(outcome="failed").inc()
         bound.warning("sync_failed", error=str(exc), error_class=type(exc).__name__)
         raise
+    fetch_started_at = sent[-1]
 
     async def apply(session: AsyncSession) -> ReconcileResult:
         now = utcnow()

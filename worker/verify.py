@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
@@ -109,9 +110,9 @@ async def verify_scope(
 ) -> ScopeReport:
     polar = services.require_polar()
     report = ScopeReport(kind, scope_id)
-    fetch_started_at = utcnow()
+    sent: list[datetime] = []
     try:
-        listing = await polar.list_scope_seats(kind, scope_id, lane="interactive")
+        listing = await polar.list_scope_seats(kind, scope_id, lane="interactive", sent_at=sent)
     except NotFound:
         report.differences.append(
             Difference(kind, scope_id, None, "scope", "not found in Polar (404)")
@@ -132,7 +133,7 @@ async def verify_scope(
                 kind=kind,
                 scope_id=scope_id,
                 seats=listing,
-                fetch_started_at=fetch_started_at,
+                fetch_started_at=sent[-1],
                 now=utcnow(),
             )
 
