@@ -53,6 +53,7 @@ from worker.simulator.webhooks import envelope_bytes
 @dataclass
 class Pipeline:
     sim: SimulatedPolar
+    min_interval: float
     scopes: list[str]
     engine: AsyncEngine
     redis: ArqRedis
@@ -147,8 +148,11 @@ async def pipeline(
     latency: float,
     budget: int | None,
     max_jobs: int = 10,
+    min_interval: float | None = None,
 ) -> AsyncIterator[Pipeline]:
-    """Everything started and the mirror in sync with the seeded simulator; log cleared."""
+    """Everything started and the mirror in sync with the seeded simulator; log cleared.
+
+    `min_interval` overrides the worker's SYNC_MIN_INTERVAL_SECONDS (None: its default)."""
     limit = budget or 1_000_000
     RESULTS.mkdir(parents=True, exist_ok=True)
     log_file = (RESULTS / "pipeline.worker.log").open("w")
@@ -161,8 +165,13 @@ async def pipeline(
         async with database("postgresql", "pipeline") as db_url, fresh_redis(REDIS_URL) as r_url:
             # The deployment keeps 80% of the organisation's budget (400 of 500), as by default.
             per_minute = int(budget * 0.8) if budget else 1_000_000
+            extra = {} if min_interval is None else {"sync_min_interval_seconds": min_interval}
             settings = make_settings(
-                db_url, sim.base_url, polar_requests_per_minute=per_minute, log_level="INFO"
+                db_url,
+                sim.base_url,
+                polar_requests_per_minute=per_minute,
+                log_level="INFO",
+                **extra,
             )
             port = free_port()
             web = spawn(
@@ -183,6 +192,7 @@ async def pipeline(
                 try:
                     line = Pipeline(
                         sim,
+                        settings.sync_min_interval_seconds,
                         scope_ids,
                         engine,
                         redis,

@@ -59,14 +59,17 @@ async def request_sync(
     False when one is already waiting (it will start later, so it covers this request)."""
     key = queued_key(kind, scope_id)
     job_id = f"sync:{kind}:{scope_id}:{uuid.uuid4().hex}"
-    if not await redis.set(key, job_id, nx=True, ex=QUEUED_FLAG_TTL_S):
-        if not await _drop_orphaned_flag(redis, key):
-            return False
-        if not await redis.set(key, job_id, nx=True, ex=QUEUED_FLAG_TTL_S):
-            return False
+    claim = redis.register_script(_CLAIM_FLAG)
+    allowed_at = int(
+        await claim(
+            keys=[key, next_allowed_key(kind, scope_id)],
+            args=[job_id, QUEUED_FLAG_TTL_S, ORPHAN_GRACE_S, job_key_prefix],
+        )
+    )
+    if allowed_at < 0:
+        return False
     try:
-        allowed_at = await redis.get(next_allowed_key(kind, scope_id))
-        wait_ms = int(allowed_at) - _now_ms() if allowed_at is not None else 0
+        wait_ms = allowed_at - _now_ms() if allowed_at > 0 else 0
         await redis.enqueue_job(
             SYNC_SCOPE,
             kind=kind,
@@ -82,28 +85,29 @@ async def request_sync(
     return True
 
 
-# Delete the flag only if it still names the job we found missing.
-_DELETE_IF_EQUAL = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
+# One round trip per request (the receiver's hot path). KEYS: the queued flag, the scope's
+# next-allowed time. ARGV: job id, flag TTL (s), orphan grace (s), arq's job key prefix.
+# Returns -1 when a job is already waiting, else the next-allowed time in ms (0: none).
+# A process that died between setting the flag and enqueueing leaves a flag with no job,
+# which would block the scope until its TTL: a job clears the flag when it starts and keeps
+# its job key until it ends, so "flag older than the grace, its job key gone" is an orphan
+# and is replaced.
+_CLAIM_FLAG = """
+local function allowed()
+  return tonumber(redis.call('GET', KEYS[2]) or '0')
+end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return allowed() end
+local flagged = redis.call('GET', KEYS[1])
+if not flagged then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+  return allowed()
+end
+if string.sub(flagged, 1, 5) ~= 'sync:' then return -1 end
+if redis.call('EXISTS', ARGV[4] .. flagged) == 1 then return -1 end
+if redis.call('TTL', KEYS[1]) > tonumber(ARGV[2]) - tonumber(ARGV[3]) then return -1 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return allowed()
 """
-
-
-async def _drop_orphaned_flag(redis: ArqRedis, key: str) -> bool:
-    """A process that died between setting the flag and enqueueing leaves a flag with no
-    job: it would block the scope until the TTL. A job clears the flag when it starts and
-    keeps its job key until it ends, so "flag older than a few seconds, no job key" is an
-    orphan."""
-    raw = await redis.get(key)
-    if raw is None:
-        return True
-    flagged = raw.decode() if isinstance(raw, bytes) else str(raw)
-    if not flagged.startswith("sync:") or await redis.exists(job_key_prefix + flagged):
-        return False
-    if await redis.ttl(key) > QUEUED_FLAG_TTL_S - ORPHAN_GRACE_S:
-        return False  # just set: its process is probably enqueueing right now
-    delete_if_equal = redis.register_script(_DELETE_IF_EQUAL)
-    return bool(await delete_if_equal(keys=[key], args=[flagged]))
 
 
 async def _forget_flag(redis: ArqRedis, key: str) -> None:
