@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import (
@@ -107,6 +108,13 @@ def _configure_sqlite(engine: AsyncEngine, *, read_only: bool) -> None:
         # A deferred transaction that later writes can fail with "database is locked"
         # without waiting; taking the write lock up front makes writers queue instead.
         conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+
+def insert_ignoring_conflict(session: AsyncSession, table: Any) -> Any:
+    """INSERT .. ON CONFLICT DO NOTHING for the session's backend (both speak it)."""
+    if session.get_bind().dialect.name == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing()
+    return sqlite.insert(table).on_conflict_do_nothing()
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

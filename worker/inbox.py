@@ -10,12 +10,11 @@ from typing import Any
 import structlog
 from arq.connections import ArqRedis
 from sqlalchemy import and_, exists, func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from sqlmodel import SQLModel, col
+from sqlmodel import col
 
 from worker import queue, routing
-from worker.db import retry_transaction
+from worker.db import insert_ignoring_conflict, retry_transaction
 from worker.models import WebhookDelivery, WebhookDeliveryScope, utcnow
 from worker.routing import ScopeRef
 
@@ -162,7 +161,7 @@ async def record_delivery(
     # hot path costs a single round trip; a concurrent twin loses here, not at commit.
     inserted = (
         await session.execute(
-            _insert_ignoring_conflict(session, WebhookDelivery)
+            insert_ignoring_conflict(session, WebhookDelivery)
             .values(
                 webhook_id=webhook_id,
                 event_type=event_type[:64],
@@ -183,7 +182,7 @@ async def record_delivery(
         return Recorded(duplicate=True)
     if routed and scopes:
         await session.execute(
-            _insert_ignoring_conflict(session, WebhookDeliveryScope),
+            insert_ignoring_conflict(session, WebhookDeliveryScope),
             [
                 {
                     "webhook_id": webhook_id,
@@ -197,12 +196,6 @@ async def record_delivery(
             ],
         )
     return Recorded(duplicate=False, scopes=tuple(scopes), routed=routed)
-
-
-def _insert_ignoring_conflict(session: AsyncSession, table: type[SQLModel]) -> Any:
-    if session.get_bind().dialect.name == "postgresql":
-        return postgresql.insert(table).on_conflict_do_nothing()
-    return sqlite.insert(table).on_conflict_do_nothing()
 
 
 # ---------------------------------------------------------------------- sweeping

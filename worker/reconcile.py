@@ -13,11 +13,11 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import ARRAY, String, any_, cast, insert, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
 from worker import inbox
+from worker.db import insert_ignoring_conflict
 from worker.models import Seat, SeatChange, SeatScope
 from worker.polar import CustomerSeat, SeatsList
 
@@ -113,14 +113,11 @@ def _scope_column(kind: str) -> Any:
 
 async def lock_scope(session: AsyncSession, kind: str, scope_id: str, now: datetime) -> SeatScope:
     """Create the scope row if needed and hold its row lock until the transaction ends."""
-    dialect = session.get_bind().dialect.name
-    values = {"kind": kind, "scope_id": scope_id, "created_at": now, "consecutive_failures": 0}
-    stmt: Any
-    if dialect == "postgresql":
-        stmt = postgresql.insert(SeatScope).values(**values).on_conflict_do_nothing()
-    else:
-        stmt = sqlite.insert(SeatScope).values(**values).on_conflict_do_nothing()
-    await session.execute(stmt)
+    await session.execute(
+        insert_ignoring_conflict(session, SeatScope).values(
+            kind=kind, scope_id=scope_id, created_at=now, consecutive_failures=0
+        )
+    )
     row = await session.execute(
         select(SeatScope)
         .where(col(SeatScope.kind) == kind, col(SeatScope.scope_id) == scope_id)

@@ -21,12 +21,11 @@ from typing import Any
 
 import structlog
 from sqlalchemy import func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
 from worker import sync
-from worker.db import retry_transaction
+from worker.db import insert_ignoring_conflict, retry_transaction
 from worker.models import ResyncItem, SeatScope, SyncRun, utcnow
 from worker.polar import AuthError, PolarError, RateLimited
 from worker.services import Services
@@ -87,12 +86,6 @@ async def _pass_lock(services: Services) -> AsyncIterator[None]:
                 await redis.delete(LOCK_KEY)
 
 
-def _insert_items(session: AsyncSession, rows: list[dict[str, Any]]) -> Any:
-    if session.get_bind().dialect.name == "postgresql":
-        return postgresql.insert(ResyncItem).values(rows).on_conflict_do_nothing()
-    return sqlite.insert(ResyncItem).values(rows).on_conflict_do_nothing()
-
-
 async def _add_items(
     services: Services,
     run_id: int,
@@ -104,7 +97,9 @@ async def _add_items(
 
     async def work(session: AsyncSession) -> None:
         for start in range(0, len(rows), 500):
-            await session.execute(_insert_items(session, rows[start : start + 500]))
+            await session.execute(
+                insert_ignoring_conflict(session, ResyncItem).values(rows[start : start + 500])
+            )
         await session.execute(
             update(SyncRun)
             .where(col(SyncRun.id) == run_id)
