@@ -244,9 +244,11 @@ def run_simulator(
                 loop.add_signal_handler(sig, stop.set)
         await sim.start(host, port)
         print(f"Simulated Polar API: {sim.base_url}  (Polar-Version: {API_VERSION})", flush=True)
-        print(f"Organization access token: {sim.token}", flush=True)
+        # The demo token is public; a token or secret the caller chose is never echoed.
+        shown = sim.token if sim.token == DEFAULT_TOKEN else "(the one given with --token)"
+        print(f"Organization access token: {shown}", flush=True)
         if webhook_url:
-            print(f"Webhooks -> {webhook_url}  secret: {sim.webhooks.secret}", flush=True)
+            print(f"Webhooks -> {webhook_url}  signed with the given secret", flush=True)
         try:
             await stop.wait()
         finally:
