@@ -957,12 +957,12 @@ def verify(
 
 
 async def _status(settings: Settings) -> dict[str, Any]:
+    from worker.inbox import pending_deliveries
     from worker.models import (
         InvitationReminder,
         InvitationRenewal,
         SeatScope,
         SyncRun,
-        WebhookDelivery,
         utcnow,
     )
     from worker.queue import QUEUE_NAME
@@ -997,13 +997,7 @@ async def _status(settings: Settings) -> dict[str, Any]:
                 .scalars()
                 .all()
             )
-            pending = (
-                await session.execute(
-                    select(func.count(), func.min(WebhookDelivery.received_at)).where(
-                        col(WebhookDelivery.processed_at).is_(None)
-                    )
-                )
-            ).one()
+            pending = await pending_deliveries(session)
             reminders = (
                 await session.execute(
                     select(col(InvitationReminder.outcome), func.count()).group_by(

@@ -320,3 +320,15 @@ async def sweep_inbox(
         else:
             result.already_waiting += 1
     return result
+
+
+async def pending_deliveries(session: AsyncSession) -> tuple[int, datetime | None]:
+    """(acknowledged deliveries not yet processed, when the oldest of them arrived)."""
+    count, oldest = (
+        await session.execute(
+            select(func.count(), func.min(WebhookDelivery.received_at)).where(
+                col(WebhookDelivery.processed_at).is_(None)
+            )
+        )
+    ).one()
+    return int(count), oldest

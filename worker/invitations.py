@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -21,7 +22,7 @@ import structlog
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlmodel import col
+from sqlmodel import SQLModel, col
 
 from worker import queue
 from worker.db import retry_transaction
@@ -105,11 +106,31 @@ async def plan_reminders(services: Services, *, now: datetime) -> list[Planned]:
     return planned
 
 
+async def _claim(
+    services: Services, build: Callable[[AsyncSession], Awaitable[SQLModel]]
+) -> int | None:
+    """Commit the row that claims an action; None when its unique key is already taken (by
+    another worker, or an earlier run), so the action is never done twice."""
+
+    async def work(session: AsyncSession) -> int:
+        row = await build(session)
+        session.add(row)
+        await session.flush()
+        row_id = getattr(row, "id", None)
+        assert isinstance(row_id, int)
+        return row_id
+
+    try:
+        return await retry_transaction(services.sessions, work)
+    except IntegrityError:
+        return None
+
+
 async def _claim_reminder(services: Services, item: Planned) -> int | None:
     """Insert the reminder row; None when another worker (or an earlier run) has it."""
 
-    async def work(session: AsyncSession) -> int:
-        row = InvitationReminder(
+    async def build(_session: AsyncSession) -> SQLModel:
+        return InvitationReminder(
             seat_id=item.seat_id,
             scope_kind=item.scope_kind,
             scope_id=item.scope_id,
@@ -118,15 +139,8 @@ async def _claim_reminder(services: Services, item: Planned) -> int | None:
             created_at=utcnow(),
             outcome="sending",
         )
-        session.add(row)
-        await session.flush()
-        assert row.id is not None
-        return row.id
 
-    try:
-        return await retry_transaction(services.sessions, work)
-    except IntegrityError:
-        return None
+    return await _claim(services, build)
 
 
 async def _record_reminder(
@@ -276,10 +290,10 @@ async def plan_renewals(services: Services, *, now: datetime) -> list[Planned]:
 
 
 async def _record_intent(services: Services, item: Planned) -> int | None:
-    async def work(session: AsyncSession) -> int:
+    async def build(session: AsyncSession) -> SQLModel:
         seat = await session.get(Seat, item.seat_id)
         now = utcnow()
-        row = InvitationRenewal(
+        return InvitationRenewal(
             seat_id=item.seat_id,
             scope_kind=item.scope_kind,
             scope_id=item.scope_id,
@@ -290,15 +304,8 @@ async def _record_intent(services: Services, item: Planned) -> int | None:
             created_at=now,
             updated_at=now,
         )
-        session.add(row)
-        await session.flush()
-        assert row.id is not None
-        return row.id
 
-    try:
-        return await retry_transaction(services.sessions, work)
-    except IntegrityError:
-        return None
+    return await _claim(services, build)
 
 
 async def _set_renewal(services: Services, row_id: int, **values: object) -> None:

@@ -13,7 +13,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, ge
 from sqlalchemy import func, select
 from sqlmodel import col
 
-from worker.models import Seat, SyncRun, WebhookDelivery, utcnow
+from worker.inbox import pending_deliveries
+from worker.models import Seat, SyncRun, utcnow
 from worker.queue import QUEUE_NAME
 
 if TYPE_CHECKING:
@@ -73,13 +74,7 @@ async def refresh(
     """Read the state-derived gauges. Failures leave the previous values in place."""
     try:
         async with sessions() as session:
-            pending = (
-                await session.execute(
-                    select(func.count(), func.min(WebhookDelivery.received_at)).where(
-                        col(WebhookDelivery.processed_at).is_(None)
-                    )
-                )
-            ).one()
+            pending = await pending_deliveries(session)
             by_status = (
                 await session.execute(
                     select(col(Seat.status), func.count())
