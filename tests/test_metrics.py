@@ -60,6 +60,7 @@ async def test_web_metrics_are_present_and_move(
             "seat_sync_rate_budget_remaining",
             "seat_sync_queue_depth",
             "seat_sync_polar_rate_limited_total",
+            "seat_sync_polar_misconfigured_total",
             "seat_sync_reconcile_seconds_count",
         ):
             assert expected in names, expected

@@ -50,7 +50,11 @@ def seat_based(sim: SimulatedPolar) -> set[tuple[str, str]]:
         for s in sim.state.subscriptions.values()
         if s["seats"] is not None and s["started_at"] is not None
     }
-    orders = {("order", o["id"]) for o in sim.state.orders.values() if o["seats"] is not None}
+    orders = {
+        ("order", o["id"])
+        for o in sim.state.orders.values()
+        if o["seats"] is not None and o.get("subscription_id") is None
+    }
     return subs | orders
 
 
@@ -97,6 +101,49 @@ async def test_full_resync_finds_every_seat_based_scope_across_pages(
         await assert_mirror_equals_polar(services, big_sim)
     finally:
         await services.close()
+
+
+async def scopes_after_a_pass(services: Services) -> set[tuple[str, str]]:
+    summary = await resync_all(services, trigger="cli", force=True)
+    assert summary is not None and summary.failed == 0
+    async with services.sessions() as session:
+        return {(s.kind, s.scope_id) for s in (await session.execute(select(SeatScope))).scalars()}
+
+
+async def test_discovery_asks_only_for_one_time_orders(
+    sim: SimulatedPolar, services: Services
+) -> None:
+    # A seat-based subscription's first order repeats its `seats`; the seats themselves are
+    # listed under the subscription.
+    sub = sim.state.create_subscription(seats=3, with_order=True)
+    sim.state.assign(subscription_id=sub["id"], email="sub@example.com")
+    one_time = sim.state.create_order(seats=2)
+    sim.state.assign(order_id=one_time["id"], email="buyer@example.com")
+    [sub_order] = [o for o in sim.state.orders.values() if o["subscription_id"] == sub["id"]]
+    assert sub_order["seats"] == 3
+
+    scopes = await scopes_after_a_pass(services)
+
+    assert scopes == {("subscription", sub["id"]), ("order", one_time["id"])}
+    [listing] = sim.log.select(method="GET", path_prefix="/v1/orders")
+    assert listing.query["product_billing_type"] == "one_time"
+    assert sim.log.count(path_prefix="/v1/customer-seats", query={"order_id": sub_order["id"]}) == 0
+
+
+async def test_discovery_skips_a_listed_order_that_belongs_to_a_subscription(
+    sim: SimulatedPolar, services: Services
+) -> None:
+    sub = sim.state.create_subscription(seats=3)
+    # However the list is filtered, an order with a subscription is the subscription's.
+    stray = sim.state.create_order(seats=3)
+    sim.state.orders[stray["id"]].update(
+        subscription_id=sub["id"], billing_reason="subscription_create"
+    )
+
+    scopes = await scopes_after_a_pass(services)
+
+    assert scopes == {("subscription", sub["id"])}
+    assert sim.log.count(path_prefix="/v1/customer-seats", query={"order_id": stray["id"]}) == 0
 
 
 async def test_full_resync_repairs_dropped_webhooks_and_marks_gone_scopes(

@@ -28,7 +28,7 @@ from worker.db import is_sqlite, redacted, sqlite_path
 from worker.embedded import EmbeddedRedis, ping, socket_url
 from worker.migrate import SchemaBehind, check_schema, upgrade
 from worker.models import Seat, seat_json
-from worker.polar import AuthError, PolarError, RateLimited
+from worker.polar import CHECK_CONFIGURATION, AuthError, PolarError, RateLimited
 from worker.reconcile import SeatDiff
 from worker.services import Services
 
@@ -997,6 +997,16 @@ async def _status(settings: Settings) -> dict[str, Any]:
                 .scalars()
                 .all()
             )
+            misconfigured = (
+                await session.execute(
+                    select(func.count())
+                    .select_from(SeatScope)
+                    .where(
+                        col(SeatScope.consecutive_failures) > 0,
+                        col(SeatScope.last_error).contains(CHECK_CONFIGURATION, autoescape=True),
+                    )
+                )
+            ).scalar_one()
             pending = await pending_deliveries(session)
             reminders = (
                 await session.execute(
@@ -1019,6 +1029,11 @@ async def _status(settings: Settings) -> dict[str, Any]:
             budget_used = await services.budget.used()
         oldest = pending[1]
         return {
+            "polar": {
+                "api_url": settings.polar_api_url,
+                "api_version": settings.polar_api_version,
+                "problem": _configuration_problem(settings, int(misconfigured), passes),
+            },
             "full_resyncs": [
                 {
                     "id": p.id,
@@ -1058,6 +1073,20 @@ async def _status(settings: Settings) -> dict[str, Any]:
         await services.close()
 
 
+def _configuration_problem(settings: Settings, scopes: int, passes: Sequence[Any]) -> str | None:
+    """What to check when Polar answers 404 without an error code (failing scopes now, or
+    the last full resync stopped by it)."""
+    where = [f"{scopes} scope{'' if scopes == 1 else 's'} failing"] if scopes else []
+    if passes and passes[0].status == "failed" and CHECK_CONFIGURATION in (passes[0].error or ""):
+        where.append(f"full resync #{passes[0].id} stopped")
+    if not where:
+        return None
+    return (
+        f"Polar answered 404 without an error code ({', '.join(where)}): check POLAR_API_URL "
+        f"({settings.polar_api_url}) and POLAR_API_VERSION ({settings.polar_api_version})"
+    )
+
+
 @app.command()
 def status(
     fmt: Annotated[
@@ -1071,6 +1100,9 @@ def status(
     if fmt is not OutputFormat.table:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
         return
+    problem = report["polar"]["problem"]
+    if problem:
+        out.print(problem, style="bold red", markup=False, highlight=False, soft_wrap=True)
     passes = Table(
         "pass",
         "started",

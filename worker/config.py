@@ -10,6 +10,10 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_SQLITE_FILE = "seat-sync.db"
+# Polar API versions whose seat, subscription, order and error shapes this program reads.
+# Polar also serves 2027-01, but its shapes have not been checked against this code.
+POLAR_API_VERSIONS = ("2026-10", "2026-04")
+DEFAULT_POLAR_API_VERSION = POLAR_API_VERSIONS[0]
 
 
 class ConfigError(Exception):
@@ -36,6 +40,8 @@ class Settings(BaseSettings):
 
     polar_access_token: SecretStr | None = None
     polar_api_url: str = "https://api.polar.sh"
+    # Sent as `Polar-Version` on every request.
+    polar_api_version: str = DEFAULT_POLAR_API_VERSION
     polar_webhook_secret: SecretStr | None = None
     polar_allow_insecure_url: bool = False
     polar_timeout_seconds: float = Field(default=15.0, gt=0)
@@ -73,6 +79,17 @@ class Settings(BaseSettings):
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an http(s) URL such as https://api.polar.sh")
+        return value
+
+    @field_validator("polar_api_version")
+    @classmethod
+    def _known_api_version(cls, value: str) -> str:
+        value = value.strip()
+        if value not in POLAR_API_VERSIONS:
+            raise ValueError(
+                "must be one of " + ", ".join(POLAR_API_VERSIONS) + " (the versions whose "
+                f"shapes this program reads), not {value!r}"
+            )
         return value
 
     @field_validator("database_url")

@@ -18,7 +18,7 @@ from worker import inbox, invitations, metrics, queue, resync, sync
 from worker.config import Settings
 from worker.db import is_retryable_db_error
 from worker.migrate import check_schema
-from worker.polar import AuthError, RateLimited, TransientError
+from worker.polar import AuthError, PolarMisconfigured, RateLimited, TransientError
 from worker.services import Services
 
 log = structlog.get_logger("worker.jobs")
@@ -68,6 +68,10 @@ async def sync_scope(ctx: Ctx, *, kind: str, scope_id: str, trigger: str = "webh
         raise Retry(defer=defer) from None
     except AuthError as exc:
         bound.error("sync_auth_failed", error=str(exc))
+        raise
+    except PolarMisconfigured:
+        # Retrying cannot help until the configuration is fixed; the failure is recorded on
+        # the scope, and the next full resync or webhook tries again.
         raise
     except (OperationalError, DBAPIError, OSError) as exc:
         if not is_retryable_db_error(exc) and not isinstance(exc, OSError):

@@ -36,6 +36,10 @@ POLAR_REQUESTS = Counter(
     "seat_sync_polar_requests_total", "Calls to the Polar API, by HTTP status.", ["status"]
 )
 RATE_LIMITED = Counter("seat_sync_polar_rate_limited_total", "429 answers from Polar.")
+POLAR_MISCONFIGURED = Counter(
+    "seat_sync_polar_misconfigured_total",
+    "404 answers without an error code: a wrong POLAR_API_URL or POLAR_API_VERSION.",
+)
 RECONCILE_SECONDS = Histogram(
     "seat_sync_reconcile_seconds",
     "Time to reconcile one scope's list into the database.",

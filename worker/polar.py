@@ -12,9 +12,11 @@ import httpx
 from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
 
 from worker import metrics
+from worker.config import DEFAULT_POLAR_API_VERSION
 
-POLAR_VERSION = "2026-04"
 PAGE_LIMIT = 100
+# What every misconfiguration message ends with; `seat-sync status` looks for it.
+CHECK_CONFIGURATION = "check POLAR_API_URL and POLAR_API_VERSION"
 
 Lane = Literal["webhook", "reminder", "resync", "interactive"]
 M = TypeVar("M", bound=BaseModel)
@@ -51,7 +53,14 @@ class TransientError(PolarError):
 
 
 class NotFound(PolarError):
-    """404: the subscription, order or seat does not exist (or is not ours)."""
+    """404 `ResourceNotFound`: Polar says the subscription, order or seat does not exist
+    (or is not ours). The only answer that means "gone"."""
+
+
+class PolarMisconfigured(PolarError):
+    """404 without an error code: Polar's router found no such route, which is what a wrong
+    POLAR_API_URL or an unknown or retired POLAR_API_VERSION gets. It says nothing about the
+    subscription or order asked for, and lasts until the configuration is fixed."""
 
 
 class AuthError(PolarError):
@@ -62,7 +71,7 @@ class InvalidRequest(PolarError):
     """400/422: Polar refused the request; `error` holds Polar's error class name."""
 
 
-# --- typed responses (openapi-2026-04-seats.json) -----------------------------------------
+# --- typed responses (Polar API 2026-04 and 2026-10: the same shapes) ---------------------
 
 
 class _Model(BaseModel):
@@ -133,10 +142,14 @@ class Order(_Model):
     created_at: datetime | None = None
     seats: int | None = None
     subscription_id: str | None = None
+    billing_reason: str | None = None
 
     @property
     def is_seat_based(self) -> bool:
-        return self.seats is not None
+        """A one-time order with a number of seats. An order of a subscription (its creation,
+        a renewal, a seat change) repeats the subscription's seats, which Polar lists under
+        the subscription, not under the order."""
+        return self.seats is not None and self.subscription_id is None
 
 
 class _Pagination(_Model):
@@ -237,13 +250,31 @@ def classify(response: httpx.Response, *, what: str) -> PolarError:
         else:
             message = f"{what}: not permitted (403 {error or ''} {detail})".strip()
         return AuthError(message, status=status, error=error)
-    if status == 404:
-        return NotFound(f"{what}: not found (404)", status=status, error=error)
+    if status == 404 and error is None:
+        return PolarMisconfigured(
+            f"{what}: Polar answered 404 without an error code for {_request_line(response)}: "
+            + CHECK_CONFIGURATION,
+            status=status,
+        )
+    if status == 404 and error == "ResourceNotFound":
+        return NotFound(f"{what}: not found (404 ResourceNotFound)", status=status, error=error)
     return InvalidRequest(
         f"{what}: Polar refused the request ({status} {error or ''}: {detail})",
         status=status,
         error=error,
     )
+
+
+def _request_line(response: httpx.Response) -> str:
+    """`GET https://host/path (Polar-Version v)`: no query, no credentials."""
+    try:
+        request = response.request
+    except RuntimeError:  # a response built by hand
+        return "the request"
+    url = request.url
+    port = f":{url.port}" if url.port is not None else ""
+    version = request.headers.get("polar-version", "none")
+    return f"{request.method} {url.scheme}://{url.host}{port}{url.path} (Polar-Version {version})"
 
 
 def _needed_scope(what: str) -> str:
@@ -269,14 +300,16 @@ class PolarClient:
         timeout: float = 15.0,
         budget: Budget | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        api_version: str = DEFAULT_POLAR_API_VERSION,
     ) -> None:
         self._token = token
         self._budget = budget
         self.calls = 0
+        self.api_version = api_version
         self._http = httpx.AsyncClient(
             base_url=base_url.rstrip("/"),
             timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
-            headers={"Polar-Version": POLAR_VERSION, "User-Agent": "polar-seat-sync/0.1"},
+            headers={"Polar-Version": api_version, "User-Agent": "polar-seat-sync/0.1"},
             transport=transport,
             follow_redirects=False,
         )
@@ -329,7 +362,10 @@ class PolarClient:
             await self._budget.pause(error.retry_after)
             raise error
         if not 200 <= response.status_code < 300:
-            raise classify(response, what=what)
+            error = classify(response, what=what)
+            if isinstance(error, PolarMisconfigured):
+                metrics.POLAR_MISCONFIGURED.inc()
+            raise error
         try:
             return response.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -404,7 +440,14 @@ class PolarClient:
         return self._parse(CustomerSeat, data, what=what)
 
     async def _pages(
-        self, path: str, sorting: str, model: type[_Page[P]], noun: str, start_page: int, lane: Lane
+        self,
+        path: str,
+        sorting: str,
+        model: type[_Page[P]],
+        noun: str,
+        start_page: int,
+        lane: Lane,
+        filters: dict[str, str] | None = None,
     ) -> AsyncIterator[tuple[int, int, list[P]]]:
         page = start_page
         while True:
@@ -414,7 +457,7 @@ class PolarClient:
                 path,
                 what=what,
                 lane=lane,
-                params={"page": page, "limit": PAGE_LIMIT, "sorting": sorting},
+                params={**(filters or {}), "page": page, "limit": PAGE_LIMIT, "sorting": sorting},
             )
             parsed = self._parse(model, data, what=what)
             yield page, parsed.pagination.max_page, parsed.items
@@ -439,5 +482,14 @@ class PolarClient:
     def iter_orders(
         self, *, start_page: int = 1, lane: Lane = "resync"
     ) -> AsyncIterator[tuple[int, int, list[Order]]]:
-        """Yield (page, max_page, items) oldest first."""
-        return self._pages("/v1/orders/", "created_at", _Page[Order], "orders", start_page, lane)
+        """Yield (page, max_page, items) of one-time orders, oldest first. Orders of
+        subscriptions are left out: their seats belong to the subscription."""
+        return self._pages(
+            "/v1/orders/",
+            "created_at",
+            _Page[Order],
+            "orders",
+            start_page,
+            lane,
+            filters={"product_billing_type": "one_time"},
+        )

@@ -27,7 +27,7 @@ from sqlmodel import col
 from worker import sync
 from worker.db import insert_ignoring_conflict, retry_transaction
 from worker.models import ResyncItem, SeatScope, SyncRun, utcnow
-from worker.polar import AuthError, PolarError, RateLimited
+from worker.polar import AuthError, PolarError, PolarMisconfigured, RateLimited
 from worker.services import Services
 
 log = structlog.get_logger("worker.resync")
@@ -216,8 +216,8 @@ async def _sync_item(
             outcome = await sync.sync_scope(
                 services, kind=kind, scope_id=scope_id, trigger="resync", lane="resync"
             )
-        except AuthError:
-            raise
+        except (AuthError, PolarMisconfigured):
+            raise  # no scope can sync until the token or configuration is fixed: stop the pass
         except RateLimited as exc:
             await asyncio.sleep(exc.retry_after)
             continue
@@ -349,9 +349,9 @@ async def resync_all(
             if progress is not None:
                 progress(done, total)
             await _sync_open_items(services, run, total, done, progress)
-        except AuthError as exc:
-            summary = await _summarise(services, run.id, resumed, str(exc))
-            bound.error("resync_pass_failed", error=str(exc))
+        except (AuthError, PolarMisconfigured) as exc:
+            await _summarise(services, run.id, resumed, str(exc))
+            bound.error("resync_pass_failed", error=str(exc), error_class=type(exc).__name__)
             raise
         summary = await _summarise(services, run.id, resumed, None)
         bound.info(
@@ -377,15 +377,22 @@ async def _sync_open_items(
     for item in items:
         queue.put_nowait(item)
     finished = done
+    stopped: list[PolarError] = []
 
     async def lane_worker() -> None:
         nonlocal finished
-        while True:
+        while not stopped:
             try:
                 kind, scope_id = queue.get_nowait()
             except asyncio.QueueEmpty:
                 return
-            outcome, calls, changed = await _sync_item(services, run, kind, scope_id)
+            try:
+                outcome, calls, changed = await _sync_item(services, run, kind, scope_id)
+            except (AuthError, PolarMisconfigured) as exc:
+                # Every other scope would fail the same way: the other lanes finish the
+                # scope in hand and take no more, and the pass ends as failed.
+                stopped.append(exc)
+                return
             await _finish_item(services, run_id, kind, scope_id, outcome, calls, changed)
             finished += 1
             if progress is not None:
@@ -400,6 +407,8 @@ async def _sync_open_items(
         for task in workers:
             task.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
+    if stopped:
+        raise stopped[0]
 
 
 def due_since(last: datetime | None, interval: timedelta, now: datetime) -> bool:

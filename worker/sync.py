@@ -15,7 +15,7 @@ from sqlmodel import col
 from worker import metrics
 from worker.db import retry_transaction
 from worker.models import SyncRun, utcnow
-from worker.polar import Lane, NotFound, PolarError, SeatsList
+from worker.polar import Lane, NotFound, PolarError, PolarMisconfigured, SeatsList
 from worker.reconcile import ReconcileResult, mark_scope_gone, reconcile_scope, record_failure
 from worker.services import Services
 
@@ -74,7 +74,11 @@ async def sync_scope(
     lane: Lane = "webhook",
     job_id: str | None = None,
 ) -> SyncOutcome:
-    """Fetch, then reconcile in one transaction. Polar errors are recorded and re-raised."""
+    """Fetch, then reconcile in one transaction. Polar errors are recorded and re-raised.
+
+    Only Polar's own `ResourceNotFound` marks the scope gone; a 404 without an error code
+    (PolarMisconfigured) is recorded as a failure and leaves the scope and its seats as
+    they were."""
     bound = log.bind(scope_kind=kind, scope_id=scope_id, trigger=trigger, job_id=job_id)
     services.require_polar()
     run_id = await _start_run(
@@ -123,7 +127,10 @@ async def _fetch_and_reconcile(
     except PolarError as exc:
         await _finish_failed(services, run_id=run_id, kind=kind, scope_id=scope_id, error=str(exc))
         metrics.SYNCS.labels(outcome="failed").inc()
-        bound.warning("sync_failed", error=str(exc), error_class=type(exc).__name__)
+        if isinstance(exc, PolarMisconfigured):
+            bound.error("sync_polar_misconfigured", error=str(exc))
+        else:
+            bound.warning("sync_failed", error=str(exc), error_class=type(exc).__name__)
         raise
     fetch_started_at = sent[-1]
 
