@@ -24,16 +24,29 @@ class Crash(BaseException):
     """Stands in for the process dying at a precise point."""
 
 
-@pytest.fixture
-async def past_sim() -> AsyncIterator[SimulatedPolar]:
+async def simulator_from_the_past(**options: Any) -> AsyncIterator[SimulatedPolar]:
     """A simulator whose clock starts 30 h ago, so invitations can be made to expire."""
     start = datetime.now(UTC) - timedelta(hours=30)
-    polar = SimulatedPolar(token=SIM_TOKEN, seed=5, clock=lambda: start)
+    polar = SimulatedPolar(token=SIM_TOKEN, seed=5, clock=lambda: start, **options)
     await polar.start()
     try:
         yield polar
     finally:
         await polar.stop()
+
+
+@pytest.fixture
+async def past_sim() -> AsyncIterator[SimulatedPolar]:
+    async for polar in simulator_from_the_past():
+        yield polar
+
+
+@pytest.fixture
+async def legacy_sim() -> AsyncIterator[SimulatedPolar]:
+    """An organisation without Polar's member model: a seat's `email` is null and the
+    holder's address is its `customer_email`."""
+    async for polar in simulator_from_the_past(member_model=False):
+        yield polar
 
 
 @pytest.fixture
@@ -163,10 +176,12 @@ async def test_crash_between_call_and_record_never_sends_twice(
 
 
 def pending_for(sim: SimulatedPolar, sub_id: str, email: str) -> list[dict[str, Any]]:
+    """Pending seats held at `email`, whether as a member or, without the member model, as
+    a customer."""
     return [
         s
         for s in sim.state.list_seats(subscription_id=sub_id)["seats"]
-        if s["status"] == "pending" and s["email"] == email
+        if s["status"] == "pending" and (s["email"] or s["customer_email"]) == email
     ]
 
 
@@ -241,11 +256,33 @@ async def test_crash_after_assign_before_record_does_not_assign_twice(
     monkeypatch.setattr(invitations, "_set_renewal", crash_on_assigned)
     with pytest.raises(Crash):
         await invitations.renew_expired(services)
+    assert services.redis is not None
+    assert await services.redis.zcard("seat-sync:queue") == 0  # died before asking a sync
     monkeypatch.setattr(invitations, "_set_renewal", real_set)
     await invitations.renew_expired(services)
     assert len(pending_for(past_sim, seats["sub"], "late@example.com")) == 1
     [row] = await renewals(services)
     assert row.state == "assigned"
+    # Resumed as SeatAlreadyAssigned, it still has the scope synced, so the mirror does
+    # not keep the expired invitation until the next full resync.
+    assert await services.redis.zcard("seat-sync:queue") == 1
+
+
+async def test_a_renewal_deferred_by_a_polar_error_still_has_the_scope_synced(
+    past_sim: SimulatedPolar, services_for: Any
+) -> None:
+    """The revoke went through, the assign failed: Polar's seats changed all the same."""
+    seats = scenario(past_sim)
+    services: Services = await services_for(past_sim, renew_expired_invitations=True)
+    await sync_scope(services, kind="subscription", scope_id=seats["sub"])
+    past_sim.add_fault("/v1/customer-seats", status=503, method="POST", times=None)
+    report = await invitations.renew_expired(services)
+    assert report.outcomes == {"deferred": 1}
+    assert past_sim.state.get_seat(seats["expired"]["id"])["status"] == "revoked"
+    [row] = await renewals(services)
+    assert row.state == "revoked"
+    assert services.redis is not None
+    assert await services.redis.zcard("seat-sync:queue") == 1
 
 
 async def test_slot_taken_between_revoke_and_assign_is_reported(
@@ -270,3 +307,61 @@ async def test_slot_taken_between_revoke_and_assign_is_reported(
     assert report.outcomes == {"slot_taken": 1}
     [row] = await renewals(services)
     assert row.state == "slot_taken" and "SeatNotAvailable" in (row.error or "")
+
+
+# ---------------------------------------------------------------------- without the member model
+
+
+def address_of(seat: dict[str, Any]) -> tuple[str | None, str | None]:
+    return seat["email"], seat["customer_email"]
+
+
+async def test_a_legacy_organisation_seat_gets_exactly_one_reminder(
+    legacy_sim: SimulatedPolar, services_for: Any
+) -> None:
+    state = legacy_sim.state
+    sub_id = state.create_subscription(seats=3)["id"]
+    state.advance(10 * HOUR)
+    seat = state.assign(subscription_id=sub_id, email="lee@example.com")
+    state.advance(20 * HOUR)  # its invitation expires in 4 h: inside the 6 h window
+    assert address_of(seat) == (None, "lee@example.com")
+    a: Services = await services_for(legacy_sim)
+    b: Services = await services_for(legacy_sim)
+    await sync_scope(a, kind="subscription", scope_id=sub_id)
+
+    await asyncio.gather(invitations.remind_expiring(a), invitations.remind_expiring(b))
+    for _ in range(3):  # later cron runs
+        await invitations.remind_expiring(a)
+
+    assert state.resend_count(seat["id"]) == 1
+    [row] = await reminders(a)
+    assert (row.outcome, row.recipient, row.seat_id) == ("sent", "lee@example.com", seat["id"])
+
+
+async def test_a_legacy_organisation_expired_invitation_is_renewed_to_its_customer_email(
+    legacy_sim: SimulatedPolar, services_for: Any
+) -> None:
+    state = legacy_sim.state
+    sub_id = state.create_subscription(seats=3)["id"]
+    seat = state.assign(subscription_id=sub_id, email="lee@example.com")
+    state.advance(30 * HOUR)  # its invitation expired 6 h ago
+    assert address_of(seat) == (None, "lee@example.com")
+    services: Services = await services_for(legacy_sim, renew_expired_invitations=True)
+    await sync_scope(services, kind="subscription", scope_id=sub_id)
+
+    report = await invitations.renew_expired(services)
+
+    assert report.outcomes == {"assigned": 1}
+    [fresh] = pending_for(legacy_sim, sub_id, "lee@example.com")
+    assert address_of(fresh) == (None, "lee@example.com")
+    new_expiry = datetime.fromisoformat(fresh["invitation_token_expires_at"].replace("Z", "+00:00"))
+    assert new_expiry > datetime.now(UTC) + timedelta(hours=23)
+    [row] = await renewals(services)
+    assert (row.recipient, row.state, row.new_seat_id) == (
+        "lee@example.com",
+        "assigned",
+        fresh["id"],
+    )
+    await sync_scope(services, kind="subscription", scope_id=sub_id)
+    assert (await invitations.renew_expired(services)).outcomes == {}
+    assert len(pending_for(legacy_sim, sub_id, "lee@example.com")) == 1

@@ -1,8 +1,12 @@
 """Act before invitations lapse: one reminder per invitation, and opt-in renewal.
 
-Polar's resend e-mails the same link and does not extend its 24 h expiry (REFERENCE.md), so
-reminders go out while the link still works, and an expired invitation can only be renewed
-by revoking the seat and assigning the same recipient again.
+Polar's resend e-mails the same link again: it neither rotates the token nor extends the
+24 h expiry, and after expiry that link is dead. So reminders go out while the link still
+works, and an expired invitation can only be renewed by revoking the seat and assigning
+the same recipient again.
+
+Every recipient: a seat's `email` is set only in organisations with Polar's member model;
+without it `email` is null and the holder's address is the seat's `customer_email`.
 
 Exactly once, the hard way: Polar has no idempotency keys, so each action is claimed in
 the database (a unique row per invitation, committed) BEFORE the call. A crash after the
@@ -64,7 +68,16 @@ def _scope_of(seat: Seat) -> tuple[str, str]:
 
 
 def _recipient(seat: Seat) -> str | None:
-    return seat.email or seat.member_email
+    """Who an invitation of this seat reaches: the member's address when the organisation
+    has the member model, else the holder's customer address (there, a live seat has no
+    member, so its customer is the holder, not a billing customer)."""
+    return seat.email or seat.member_email or seat.customer_email
+
+
+# A seat nobody can be e-mailed at is never planned; the order matches `_recipient`.
+_HAS_RECIPIENT = func.coalesce(
+    col(Seat.email), col(Seat.member_email), col(Seat.customer_email)
+).is_not(None)
 
 
 # --- reminders ------------------------------------------------------------------------------
@@ -79,6 +92,7 @@ async def plan_reminders(services: Services, *, now: datetime) -> list[Planned]:
             .where(
                 col(Seat.status) == "pending",
                 col(Seat.gone_at).is_(None),
+                _HAS_RECIPIENT,
                 col(Seat.invitation_token_expires_at) > now,
                 col(Seat.invitation_token_expires_at) <= now + window,
             )
@@ -260,6 +274,7 @@ async def plan_renewals(services: Services, *, now: datetime) -> list[Planned]:
             select(Seat).where(
                 col(Seat.status) == "pending",
                 col(Seat.gone_at).is_(None),
+                _HAS_RECIPIENT,
                 col(Seat.invitation_token_expires_at) <= now,
             )
         )
@@ -321,7 +336,28 @@ async def _set_renewal(services: Services, row_id: int, **values: object) -> Non
 
 
 async def _advance_renewal(services: Services, row: InvitationRenewal, report: RunReport) -> None:
-    """Carry one renewal from its recorded state to the end: revoke, then assign."""
+    """Carry one renewal from its recorded state to the end, then have the scope synced.
+
+    Whatever the end state (assigned, resumed as already assigned, slot taken, failed, or
+    deferred by a Polar error after which the call may still have gone through), Polar's
+    seats may have changed: the mirror follows now rather than at the next full resync.
+    """
+    try:
+        await _revoke_then_assign(services, row, report)
+    except PolarError:
+        await _request_scope_sync(services, row)
+        raise
+    await _request_scope_sync(services, row)
+
+
+async def _request_scope_sync(services: Services, row: InvitationRenewal) -> None:
+    if services.redis is not None:
+        await queue.request_sync(services.redis, row.scope_kind, row.scope_id, trigger="renewal")
+
+
+async def _revoke_then_assign(
+    services: Services, row: InvitationRenewal, report: RunReport
+) -> None:
     assert row.id is not None
     polar = services.require_polar()
     bound = log.bind(renewal_id=row.id, seat_id=row.seat_id, scope_id=row.scope_id)
@@ -330,43 +366,41 @@ async def _advance_renewal(services: Services, row: InvitationRenewal, report: R
         await _set_renewal(services, row.id, state="revoked")
         row.state = "revoked"
         bound.info("renewal_revoked")
-    if row.state == "revoked":
-        request = SeatAssign(
-            subscription_id=row.scope_id if row.scope_kind == "subscription" else None,
-            order_id=row.scope_id if row.scope_kind == "order" else None,
-            email=row.recipient,
-            metadata=row.seat_metadata,
-        )
-        try:
-            seat = await polar.assign(request, lane="reminder")
-        except InvalidRequest as exc:
-            if exc.error == "SeatAlreadyAssigned":
-                # The assign went through before a crash: it is done, do not assign again.
-                await _set_renewal(services, row.id, state="assigned", error=None)
-                report.count("assigned")
-                bound.info("renewal_already_assigned")
-            elif exc.error == "SeatNotAvailable":
-                await _set_renewal(services, row.id, state="slot_taken", error=str(exc))
-                report.count("slot_taken")
-                bound.warning("renewal_slot_taken", recipient_seat=row.seat_id)
-            else:
-                await _set_renewal(services, row.id, state="failed", error=str(exc))
-                report.count("failed")
-                bound.warning("renewal_failed", error=str(exc))
-        else:
-            await _set_renewal(
-                services,
-                row.id,
-                state="assigned",
-                new_seat_id=seat.id,
-                new_expires_at=seat.invitation_token_expires_at,
-                error=None,
-            )
+    if row.state != "revoked":
+        return
+    request = SeatAssign(
+        subscription_id=row.scope_id if row.scope_kind == "subscription" else None,
+        order_id=row.scope_id if row.scope_kind == "order" else None,
+        email=row.recipient,
+        metadata=row.seat_metadata,
+    )
+    try:
+        seat = await polar.assign(request, lane="reminder")
+    except InvalidRequest as exc:
+        if exc.error == "SeatAlreadyAssigned":
+            # The assign went through before a crash: it is done, do not assign again.
+            await _set_renewal(services, row.id, state="assigned", error=None)
             report.count("assigned")
-            bound.info("renewal_assigned", new_seat_id=seat.id)
-    # Whatever the end state, Polar changed: mirror it now rather than at the next resync.
-    if services.redis is not None:
-        await queue.request_sync(services.redis, row.scope_kind, row.scope_id, trigger="renewal")
+            bound.info("renewal_already_assigned")
+        elif exc.error == "SeatNotAvailable":
+            await _set_renewal(services, row.id, state="slot_taken", error=str(exc))
+            report.count("slot_taken")
+            bound.warning("renewal_slot_taken", recipient_seat=row.seat_id)
+        else:
+            await _set_renewal(services, row.id, state="failed", error=str(exc))
+            report.count("failed")
+            bound.warning("renewal_failed", error=str(exc))
+        return
+    await _set_renewal(
+        services,
+        row.id,
+        state="assigned",
+        new_seat_id=seat.id,
+        new_expires_at=seat.invitation_token_expires_at,
+        error=None,
+    )
+    report.count("assigned")
+    bound.info("renewal_assigned", new_seat_id=seat.id)
 
 
 async def renew_expired(services: Services, *, dry_run: bool = False) -> RunReport:
