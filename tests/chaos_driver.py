@@ -1,7 +1,8 @@
 """A seeded chaos storm over the simulated Polar, and the invariants the mirror must hold.
 
 `Storm` mutates the simulated organization at random (assigns, immediate claims, claims,
-revokes, slot reuses, member e-mail changes and deletions, cancels, seat-count changes)
+revokes, slot reuses, member e-mail changes and deletions, customer e-mail changes,
+cancels, seat-count changes)
 while `History` records every state each seat slot really went through in Polar. The
 checks below compare the mirror with Polar after the storm and audit `seat_change`.
 """
@@ -168,6 +169,7 @@ class Storm:
             (self.revoke, 4),
             (self.reuse_slot, 3),
             (self.change_email, 3),
+            (self.change_customer_email, 2),
             (self.change_seat_count, 2),
             (self.cancel, 1),
             (self.delete_member, 1),
@@ -258,6 +260,18 @@ class Storm:
         email = f"renamed{self._renamed}@example.com"
         self.sim.state.update_member_email(member_id, email)
         return f"member {member_id[:8]} is now {email}"
+
+    def change_customer_email(self) -> str:
+        """Polar rewrites `customer_email` on the customer's live seats and sends only
+        `customer.updated` (no seat webhook)."""
+        live = self._seats("pending", "claimed")
+        if not live:
+            return "nothing live"
+        customer_id = self.rng.choice(live)["customer_id"]
+        self._renamed += 1
+        email = f"billing{self._renamed}@example.com"
+        self.sim.state.update_customer_email(customer_id, email)
+        return f"customer {customer_id[:8]} is now {email}"
 
     def change_seat_count(self) -> str:
         if not self.subscriptions:
@@ -429,7 +443,7 @@ def inbox_problems(storm: Storm, mirror: Mirror) -> list[str]:
 
 # ---------------------------------------------------------------------- seat_change audit
 #
-# The rule, from REFERENCE.md's lifecycle (a seat id is a slot; revoke nulls the holder;
+# The rule, from Polar's seat lifecycle (a seat id is a slot; revoke nulls the holder;
 # reuse takes any revoked slot; immediate_claim skips pending; e-mail changes rewrite
 # live seats) and from what a mirror that only sees full lists can observe:
 #

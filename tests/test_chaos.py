@@ -115,13 +115,13 @@ async def run_storm(database_url: str, redis_url: str, seed: int, profile: Profi
         sync_max_tries=12,
         sync_min_interval_seconds=profile.min_interval,
         resync_concurrency=2,
+        polar_webhook_secret=sim.webhooks.secret,  # generated as Polar does today
     )
     storm = Storm(sim, seed, profile)
     history = History(sim)
     try:
         async with running(settings, redis_url=redis_url) as url:
-            secret = settings.require_webhook_secret().get_secret_value()
-            sim.webhooks.configure(url=url, secret=secret)
+            sim.webhooks.configure(url=url)
             async with workers(settings, redis_url):
                 storm.create_scopes()
                 storm.add_faults()
@@ -349,6 +349,11 @@ async def test_an_older_snapshot_landing_last_never_moves_the_mirror_back(
     assert seat_change_violations(mirror.changes, history, mirror.seats) == []
 
 
+def secret_of(settings: Settings) -> str:
+    """The receiver's endpoint secret, which the simulated Polar signs with."""
+    return settings.require_webhook_secret().get_secret_value()
+
+
 async def wait_until(predicate: Callable[[], bool], within: float = 5.0) -> None:
     deadline = time.monotonic() + within
     while not predicate():
@@ -366,7 +371,7 @@ async def test_a_member_email_change_during_the_first_sync_of_their_seat_is_mirr
     before the resync: a member event is routed only through what the mirror shows.)"""
     history = History(sim)
     async with running(settings, redis_url=redis_url) as url:
-        sim.webhooks.configure(url=url, secret=settings.require_webhook_secret().get_secret_value())
+        sim.webhooks.configure(url=url, secret=secret_of(settings))
         sub_id = sim.state.create_subscription(seats=2)["id"]
         seat = sim.state.assign(subscription_id=sub_id, email="ada@example.com")
         await sim.webhooks.flush()
@@ -385,6 +390,38 @@ async def test_a_member_email_change_during_the_first_sync_of_their_seat_is_mirr
     assert seat_change_violations(mirror.changes, history, mirror.seats) == []
 
 
+async def test_a_customer_email_change_during_the_first_sync_of_their_seat_is_mirrored(
+    database_url: str, redis_url: str
+) -> None:
+    """The same race without the member model: Lee's address is her seat's
+    `customer_email`, and when her customer's e-mail changes Polar sends only
+    `customer.updated`. It arrives while the first sync of her seat has read the old
+    address: routed by the mirror's seats alone it would find nothing to sync."""
+    sim = SimulatedPolar(token=SIM_TOKEN, seed=21, member_model=False)
+    await sim.start()
+    settings = make_settings(database_url, sim, polar_webhook_secret=sim.webhooks.secret)
+    try:
+        async with running(settings, redis_url=redis_url) as url:
+            sim.webhooks.configure(url=url)
+            sub_id = sim.state.create_subscription(seats=2)["id"]
+            seat = sim.state.assign(subscription_id=sub_id, email="lee@example.com")
+            await sim.webhooks.flush()
+            hold = sim.hold_list_seats(30, snapshot="before", container_id=sub_id, times=1)
+            worker = asyncio.create_task(run_worker_until_idle(settings, redis_url))
+            await hold.wait_entered()
+            sim.state.update_customer_email(seat["customer_id"], "lee.new@example.com")
+            await sim.webhooks.flush()
+            sim.release_hold()
+            await worker
+            await run_worker_until_idle(settings, redis_url)  # whatever the webhook asked for
+    finally:
+        await sim.stop()
+
+    mirror = await Mirror.load(settings.database_url)
+    [row] = [s for s in mirror.seats if s.id == seat["id"]]
+    assert (row.email, row.customer_email) == (None, "lee.new@example.com")
+
+
 async def test_a_delivery_for_two_scopes_synced_at_once_is_closed(
     sim: SimulatedPolar, settings: Settings, redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -399,7 +436,7 @@ async def test_a_delivery_for_two_scopes_synced_at_once_is_closed(
     ]
     seats = [sim.state.assign(subscription_id=s, email="grace@example.com") for s in subs]
     async with running(settings, redis_url=redis_url) as url:
-        sim.webhooks.configure(url=url, secret=settings.require_webhook_secret().get_secret_value())
+        sim.webhooks.configure(url=url, secret=secret_of(settings))
         services = await Services.start(settings, redis_url=redis_url)
         try:
             for sub_id in subs:

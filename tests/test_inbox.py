@@ -20,7 +20,7 @@ from worker.db import create_engine, session_factory, transaction
 from worker.inbox import mark_scope_synced, record_delivery, sweep_inbox
 from worker.jobs import build_worker
 from worker.models import Seat, SeatScope, WebhookDelivery, WebhookDeliveryScope, utcnow
-from worker.routing import ScopeRef, hint_for, route
+from worker.routing import RouteHint, ScopeRef, hint_for, route
 
 SUB = ScopeRef("subscription", "sub-1")
 ORDER = ScopeRef("order", "ord-1")
@@ -70,14 +70,14 @@ def test_orders_with_seats_route_to_the_order() -> None:
     ("event_type", "data"),
     [
         ("checkout.created", {"id": "c", "subscription_id": "sub-1"}),
-        ("customer.updated", {"id": "cus"}),
+        ("customer.created", {"id": "cus", "email": "a@example.com"}),
         ("customer_seat.assigned", "not an object"),
-        ("member.created", {"id": "m", "email": "a@example.com"}),
+        ("benefit.created", {"id": "b", "customer_id": "cus"}),
     ],
 )
 def test_other_events_route_nowhere(event_type: str, data: Any) -> None:
     hint = hint_for(event_type, data)
-    assert (hint.scopes, hint.if_known, hint.member_id, hint.seat_id) == ((), (), None, None)
+    assert hint == RouteHint()
 
 
 # ---------------------------------------------------------------------- database

@@ -17,7 +17,13 @@ from sqlmodel import col
 
 from worker.models import Seat, SeatScope, SyncRun, utcnow
 
-MEMBER_TYPES = frozenset({"member.updated", "member.deleted"})
+# A member's e-mail change rewrites `email` on their seats with no seat webhook, and a
+# member's deletion revokes their seats; a member's creation gives a pending seat assigned
+# by e-mail (or a seat of a customer migrating to the member model) its member.
+MEMBER_TYPES = frozenset({"member.created", "member.updated", "member.deleted"})
+# In organisations without the member model a seat's address is its `customer_email`,
+# which changes with the customer's e-mail, again with no seat webhook.
+CUSTOMER_TYPES = frozenset({"customer.updated"})
 # A scope sync started this recently and not finished may be in flight (older: it died).
 IN_FLIGHT_WINDOW = timedelta(minutes=10)
 
@@ -42,6 +48,17 @@ class RouteHint:
     seat_id: str | None = None
     member_id: str | None = None
     member_emails: tuple[str, ...] = field(default=())
+    # The seats of a customer (`customer_id`), and seats held at an address that is a
+    # customer's (`customer_email`, the holder's address without the member model).
+    customer_id: str | None = None
+    customer_emails: tuple[str, ...] = field(default=())
+
+    @property
+    def follows_people(self) -> bool:
+        """Routed by who holds seats, which Polar changes without a seat webhook."""
+        return bool(
+            self.member_id or self.member_emails or self.customer_id or self.customer_emails
+        )
 
 
 def _text(value: Any) -> str | None:
@@ -59,7 +76,8 @@ def _has_seat_price(prices: Any) -> bool:
 
 
 def is_seat_based_subscription(data: Mapping[str, Any]) -> bool:
-    """A number of `seats`, a seat-based price, or a scheduled seat count (REFERENCE.md)."""
+    """Polar's rule: a number of `seats` (a missing key is null), a price whose
+    `amount_type` is `seat_based`, or a scheduled seat count in `pending_update.seats`."""
     if _is_count(data.get("seats")):
         return True
     product = data.get("product")
@@ -103,7 +121,19 @@ def hint_for(event_type: str, data: Any) -> RouteHint:
         return RouteHint(if_known=(ref,))
     if event_type in MEMBER_TYPES:
         email = _text(data.get("email"))
-        return RouteHint(member_id=_text(data.get("id")), member_emails=(email,) if email else ())
+        emails = (email,) if email else ()
+        if event_type != "member.created":
+            return RouteHint(member_id=_text(data.get("id")), member_emails=emails)
+        # A new member may be the holder of a seat that has none yet: one assigned by
+        # e-mail, or one of a customer whose organisation turns the member model on.
+        return RouteHint(
+            member_id=_text(data.get("id")),
+            member_emails=emails,
+            customer_id=_text(data.get("customer_id")),
+            customer_emails=emails,
+        )
+    if event_type in CUSTOMER_TYPES:
+        return RouteHint(customer_id=_text(data.get("id")))
     return RouteHint()
 
 
@@ -120,7 +150,7 @@ def _scope_of_seat(subscription_id: str | None, order_id: str | None) -> ScopeRe
 
 
 async def resolve(session: AsyncSession, hint: RouteHint) -> list[ScopeRef]:
-    """The hint's scopes plus those only the mirror knows (member's seats, known containers)."""
+    """The hint's scopes plus those only the mirror knows (a person's seats, known containers)."""
     found = list(hint.scopes)
     for ref in hint.if_known:
         if await session.get(SeatScope, (ref.kind, ref.scope_id)) is not None:
@@ -133,6 +163,10 @@ async def resolve(session: AsyncSession, hint: RouteHint) -> list[ScopeRef]:
     for email in hint.member_emails:
         conditions.append(col(Seat.email) == email)
         conditions.append(col(Seat.member_email) == email)
+    if hint.customer_id is not None:
+        conditions.append(col(Seat.customer_id) == hint.customer_id)
+    for email in hint.customer_emails:
+        conditions.append(col(Seat.customer_email) == email)
     if conditions:
         rows = await session.execute(
             select(col(Seat.subscription_id), col(Seat.order_id)).where(or_(*conditions)).distinct()
@@ -141,14 +175,15 @@ async def resolve(session: AsyncSession, hint: RouteHint) -> list[ScopeRef]:
             seat_scope = _scope_of_seat(subscription_id, order_id)
             if seat_scope is not None:
                 found.append(seat_scope)
-    if hint.member_id is not None or hint.member_emails:
+    if hint.follows_people:
         found.extend(await _scopes_in_flight(session))
     return _dedupe(found)
 
 
 async def _scopes_in_flight(session: AsyncSession) -> list[ScopeRef]:
-    """Scopes whose sync has fetched but not committed: the member's seat may be in that
-    fetch with the old e-mail and not yet in the mirror, so those scopes must sync again."""
+    """Scopes whose sync has fetched but not committed: the member's or customer's seat may
+    be in that fetch with the old e-mail and not yet in the mirror, so those scopes must
+    sync again."""
     rows = await session.execute(
         select(col(SyncRun.scope_kind), col(SyncRun.scope_id))
         .where(
