@@ -273,3 +273,18 @@ async def test_cli_refuses_an_api_version_it_does_not_know(
     assert ran.code == 2
     [line] = error_lines(ran.err)
     assert "POLAR_API_VERSION" in line and "2026-10" in line
+
+
+async def test_the_configured_api_version_is_sent(
+    sim: SimulatedPolar, database_url: str, redis_url: str
+) -> None:
+    settings = make_settings(
+        database_url, sim, polar_api_url=sim.base_url + "/wrong", polar_api_version="2026-04"
+    )
+    services = await Services.start(settings, redis_url=redis_url)
+    try:
+        # The message names the request as it left, Polar-Version header included.
+        with pytest.raises(PolarMisconfigured, match=r"\(Polar-Version 2026-04\)"):
+            await services.require_polar().list_seats(subscription_id=populated(sim))
+    finally:
+        await services.close()

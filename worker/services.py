@@ -50,6 +50,7 @@ class Services:
                     settings.require_token(),
                     timeout=settings.polar_timeout_seconds,
                     budget=budget,
+                    api_version=settings.polar_api_version,
                 )
         except BaseException:
             await engine.dispose()
