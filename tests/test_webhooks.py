@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import socket
 import time
@@ -17,8 +16,16 @@ import redis.asyncio as aioredis
 import structlog
 import structlog.testing
 from sqlalchemy import func, select
-from standardwebhooks import Webhook
 
+import worker.webhooks
+from tests.support.polar_signing import (
+    GENERATIONS,
+    Generation,
+    new_secret,
+    new_standard_secret,
+    polar_headers,
+    polar_signature_header,
+)
 from worker import queue
 from worker.config import Settings
 from worker.db import create_engine, session_factory
@@ -28,10 +35,11 @@ from worker.webhooks import (
     SignatureRejected,
     running,
     serve,
-    sign,
+    signing_keys,
     verify_signature,
 )
 
+# Polar's published test vector, signed with the legacy key (the whole secret's bytes).
 VECTOR_SECRET = "whsec_ovyN6cPrTv56AApvzCaJno08SSmGJmgbWilb33N2JuK"
 VECTOR_ID = "0f3e8f8e-5a1b-4c2d-9e7f-1a2b3c4d5e6f"
 VECTOR_TIMESTAMP = "1767225600"
@@ -41,7 +49,30 @@ VECTOR_BODY = (
 )
 VECTOR_SIGNATURE = "v1,MixzmdTOx+QJmVdDnQ0mG73viqr8GXB8/GD33dDX80w="
 
-WEBHOOK_SECRET = "whsec_receiver_test_" + "k" * 24
+# A vector of the standard kind (secrets generated since 2026-09-08), computed by hand from
+# Polar's rule, not by any code in this repository:
+#   KEY_HEX=$(printf %s 'polar-seat-sync standard-kind test vector' \
+#     | openssl dgst -sha256 -hex | awk '{print $NF}')
+#   SECRET="whsec_$(printf %s "$KEY_HEX" | xxd -r -p | base64)"
+#   printf '%s.%s.%s' "$ID" "$TIMESTAMP" "$BODY" \
+#     | openssl dgst -sha256 -mac HMAC -macopt hexkey:$KEY_HEX -binary | base64
+# The body is a complete `customer_seat.revoked` payload, so the SDK loads it too.
+STANDARD_VECTOR_SECRET = "whsec_/0QnQbklkQ6wL4zZP62qlHMhIfGk9CutYdCpTqybsJI="
+STANDARD_VECTOR_ID = "3c2b1a09-8f7e-4d6c-9b5a-0e1f2a3b4c5d"
+STANDARD_VECTOR_TIMESTAMP = "1790812800"  # 2026-10-01T00:00:00Z
+STANDARD_VECTOR_BODY = (
+    b'{"type":"customer_seat.revoked","timestamp":"2026-10-01T00:00:00Z",'
+    b'"api_version":"2026-10","data":{"created_at":"2026-09-30T12:00:00Z",'
+    b'"modified_at":"2026-10-01T00:00:00Z","id":"9b1c0c1e-2f2a-4d8e-8a55-0c1b6f3c8e11",'
+    b'"subscription_id":"5d3c1a9e-0000-4000-8000-000000000001","order_id":null,'
+    b'"status":"revoked","customer_id":null,"member_id":null,"member":null,"email":null,'
+    b'"customer_email":null,"invitation_token_expires_at":"2026-10-01T12:00:00Z",'
+    b'"claimed_at":null,"revoked_at":"2026-10-01T00:00:00Z","seat_metadata":{}}}'
+)
+STANDARD_VECTOR_SIGNATURE = "v1,LS9CFxBHKy8MnbyxHxNhXBYLU8y+B5Xl4uhMKbHeT3M="
+
+# This module's endpoint: a secret of the kind Polar generates today.
+WEBHOOK_SECRET = new_standard_secret()
 SUBSCRIPTION_ID = "5d3c1a9e-0000-4000-8000-000000000001"
 
 
@@ -74,17 +105,13 @@ def signed_headers(
     body: bytes,
     *,
     secret: str = WEBHOOK_SECRET,
+    generation: Generation = "legacy",
     webhook_id: str | None = None,
     timestamp: int | None = None,
 ) -> dict[str, str]:
-    webhook_id = webhook_id or f"msg_{uuid.uuid4().hex}"
-    stamp = str(int(time.time()) if timestamp is None else timestamp)
-    return {
-        "webhook-id": webhook_id,
-        "webhook-timestamp": stamp,
-        "webhook-signature": "v1," + sign(secret, webhook_id, stamp, body),
-        "content-type": "application/json",
-    }
+    """Headers as Polar sends them. The legacy key by default because it exists for any
+    secret string (other modules sign with made-up ones); pass the generation to choose."""
+    return polar_headers(secret, generation, body, webhook_id=webhook_id, timestamp=timestamp)
 
 
 async def stored(settings: Settings) -> tuple[int, int]:
@@ -142,78 +169,116 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
 # ---------------------------------------------------------------------- signature
 
 
-def test_signature_matches_the_reference_test_vector() -> None:
-    signature = sign(VECTOR_SECRET, VECTOR_ID, VECTOR_TIMESTAMP, VECTOR_BODY)
-    assert "v1," + signature == VECTOR_SIGNATURE
+def verify(secret: str, *, now: int, **message: Any) -> None:
+    """verify_signature on the legacy vector's message, with any part replaced."""
     verify_signature(
-        VECTOR_SECRET,
-        webhook_id=VECTOR_ID,
-        timestamp=VECTOR_TIMESTAMP,
-        body=VECTOR_BODY,
-        signature_header=VECTOR_SIGNATURE,
-        now=int(VECTOR_TIMESTAMP) + 10,
+        signing_keys(secret),
+        webhook_id=message.get("webhook_id", VECTOR_ID),
+        timestamp=message.get("timestamp", VECTOR_TIMESTAMP),
+        body=message.get("body", VECTOR_BODY),
+        signature_header=message.get("signature_header", VECTOR_SIGNATURE),
+        now=now,
     )
 
 
-def test_standardwebhooks_agrees_only_when_given_base64_of_the_whole_secret() -> None:
-    now = str(int(time.time()))
-    headers = {
-        "webhook-id": VECTOR_ID,
-        "webhook-timestamp": now,
-        "webhook-signature": "v1," + sign(VECTOR_SECRET, VECTOR_ID, now, VECTOR_BODY),
-    }
-    keyed_right = Webhook(base64.b64encode(VECTOR_SECRET.encode()).decode())
-    assert keyed_right.verify(VECTOR_BODY, headers)["type"] == "customer_seat.revoked"
-    with pytest.raises(Exception, match=r"(?i)signature"):
-        Webhook(VECTOR_SECRET).verify(VECTOR_BODY, headers)
+def test_polars_legacy_test_vector_is_accepted() -> None:
+    assert (
+        polar_signature_header(VECTOR_SECRET, "legacy", VECTOR_ID, VECTOR_TIMESTAMP, VECTOR_BODY)
+        == VECTOR_SIGNATURE
+    )
+    verify(VECTOR_SECRET, now=int(VECTOR_TIMESTAMP) + 10)
 
 
-def test_any_one_of_several_signatures_is_enough() -> None:
-    good = "v1," + sign(VECTOR_SECRET, VECTOR_ID, VECTOR_TIMESTAMP, VECTOR_BODY)
-    header = f"v1,AAAA v2,{good[3:]} {good}"
-    verify_signature(
-        VECTOR_SECRET,
-        webhook_id=VECTOR_ID,
-        timestamp=VECTOR_TIMESTAMP,
-        body=VECTOR_BODY,
-        signature_header=header,
-        now=int(VECTOR_TIMESTAMP),
+def test_standard_kind_test_vector_is_accepted() -> None:
+    assert (
+        polar_signature_header(
+            STANDARD_VECTOR_SECRET,
+            "standard",
+            STANDARD_VECTOR_ID,
+            STANDARD_VECTOR_TIMESTAMP,
+            STANDARD_VECTOR_BODY,
+        )
+        == STANDARD_VECTOR_SIGNATURE
+    )
+    verify(
+        STANDARD_VECTOR_SECRET,
+        webhook_id=STANDARD_VECTOR_ID,
+        timestamp=STANDARD_VECTOR_TIMESTAMP,
+        body=STANDARD_VECTOR_BODY,
+        signature_header=STANDARD_VECTOR_SIGNATURE,
+        now=int(STANDARD_VECTOR_TIMESTAMP) - 10,
     )
 
 
+def test_a_standard_secret_shown_without_padding_still_verifies() -> None:
+    unpadded = STANDARD_VECTOR_SECRET.rstrip("=")
+    assert unpadded != STANDARD_VECTOR_SECRET
+    verify(
+        unpadded,
+        webhook_id=STANDARD_VECTOR_ID,
+        timestamp=STANDARD_VECTOR_TIMESTAMP,
+        body=STANDARD_VECTOR_BODY,
+        signature_header=STANDARD_VECTOR_SIGNATURE,
+        now=int(STANDARD_VECTOR_TIMESTAMP),
+    )
+
+
+def test_a_secret_that_is_not_base64_has_only_the_legacy_key() -> None:
+    secret = "whsec_not-base64_at_all!"
+    assert signing_keys(secret) == (secret.encode(),)
+
+
+@pytest.mark.parametrize("generation", GENERATIONS)
+def test_either_key_verifies_a_fresh_secret(generation: Generation) -> None:
+    secret = new_standard_secret()
+    header = polar_signature_header(secret, generation, VECTOR_ID, VECTOR_TIMESTAMP, VECTOR_BODY)
+    verify(secret, signature_header=header, now=int(VECTOR_TIMESTAMP))
+
+
+@pytest.mark.parametrize("generation", GENERATIONS)
+def test_any_one_of_several_signatures_is_enough(generation: Generation) -> None:
+    good = polar_signature_header(
+        STANDARD_VECTOR_SECRET, generation, VECTOR_ID, VECTOR_TIMESTAMP, VECTOR_BODY
+    )
+    header = f"v1,AAAA v1,not*base64 v2,{good[3:]} v1{good[3:]} {good} v1,{'A' * 44}"
+    verify(STANDARD_VECTOR_SECRET, signature_header=header, now=int(VECTOR_TIMESTAMP))
+
+
+@pytest.mark.parametrize("generation", GENERATIONS)
 @pytest.mark.parametrize(
     ("change", "reason"),
     [
-        ({"secret": "whsec_another"}, "bad_signature"),
+        ({"secret": "wrong"}, "bad_signature"),
         ({"body": VECTOR_BODY.replace(b"revoked", b"claimed")}, "bad_signature"),
-        ({"header": "v2," + VECTOR_SIGNATURE[3:]}, "bad_signature"),
+        ({"webhook_id": VECTOR_ID.replace("0", "1")}, "bad_signature"),
+        ({"timestamp": str(int(VECTOR_TIMESTAMP) + 1)}, "bad_signature"),
+        ({"v2": True}, "bad_signature"),
         ({"now": int(VECTOR_TIMESTAMP) + 301}, "stale_timestamp"),
         ({"now": int(VECTOR_TIMESTAMP) - 301}, "future_timestamp"),
+        ({"timestamp": "yesterday"}, "invalid_timestamp"),
     ],
+    ids=["wrong_secret", "body", "id", "timestamp", "v2", "stale", "future", "garbage_ts"],
 )
-def test_verification_rejects(change: dict[str, Any], reason: str) -> None:
+def test_verification_rejects(generation: Generation, change: dict[str, Any], reason: str) -> None:
+    secret = new_secret(generation)
+    header = polar_signature_header(secret, generation, VECTOR_ID, VECTOR_TIMESTAMP, VECTOR_BODY)
+    if change.get("v2"):
+        header = header.replace("v1,", "v2,")
+    checked = new_secret(generation) if change.get("secret") else secret
+    message = {k: v for k, v in change.items() if k in ("body", "webhook_id", "timestamp")}
     with pytest.raises(SignatureRejected) as raised:
-        verify_signature(
-            change.get("secret", VECTOR_SECRET),
-            webhook_id=VECTOR_ID,
-            timestamp=VECTOR_TIMESTAMP,
-            body=change.get("body", VECTOR_BODY),
-            signature_header=change.get("header", VECTOR_SIGNATURE),
+        verify(
+            checked,
+            signature_header=header,
             now=change.get("now", int(VECTOR_TIMESTAMP)),
+            **message,
         )
     assert raised.value.reason == reason
 
 
 def test_timestamps_within_five_minutes_are_accepted() -> None:
     for skew in (-300, 300):
-        verify_signature(
-            VECTOR_SECRET,
-            webhook_id=VECTOR_ID,
-            timestamp=VECTOR_TIMESTAMP,
-            body=VECTOR_BODY,
-            signature_header=VECTOR_SIGNATURE,
-            now=int(VECTOR_TIMESTAMP) + skew,
-        )
+        verify(VECTOR_SECRET, now=int(VECTOR_TIMESTAMP) + skew)
 
 
 # ---------------------------------------------------------------------- receiver
@@ -235,12 +300,48 @@ async def test_signed_delivery_is_committed_with_its_scope_and_a_sync_requested(
     assert await queued_jobs(redis_url) == 1
 
 
+@pytest.mark.parametrize("generation", GENERATIONS)
+async def test_a_delivery_signed_with_either_key_is_accepted(
+    url: str, client: httpx.AsyncClient, receiver_settings: Settings, generation: Generation
+) -> None:
+    body = seat_event()
+    headers = signed_headers(body, generation=generation)
+    response = await client.post(url, content=body, headers=headers)
+    assert response.status_code == 202
+    assert await delivery(receiver_settings, headers["webhook-id"]) is not None
+
+
+async def test_signing_keys_are_derived_once_per_process_not_per_request(
+    receiver_settings: Settings,
+    redis_url: str,
+    client: httpx.AsyncClient,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    derived: list[int] = []
+
+    def counting(secret: str) -> tuple[bytes, ...]:
+        derived.append(1)
+        return signing_keys(secret)
+
+    monkeypatch.setattr(worker.webhooks, "signing_keys", counting)
+    async with running(receiver_settings, redis_url=redis_url) as hook_url:
+        for generation in (*GENERATIONS, *GENERATIONS):
+            body = seat_event()
+            headers = signed_headers(body, generation=generation)
+            assert (await client.post(hook_url, content=body, headers=headers)).status_code == 202
+    assert len(derived) == 1
+
+
 def _tampered(body: bytes, headers: dict[str, str]) -> tuple[bytes, dict[str, str]]:
     return body.replace(b"assigned", b"claimed"), headers
 
 
-def _wrong_secret(body: bytes, _headers: dict[str, str]) -> tuple[bytes, dict[str, str]]:
-    return body, signed_headers(body, secret="whsec_" + "y" * 32)
+def _wrong_legacy_secret(body: bytes, _headers: dict[str, str]) -> tuple[bytes, dict[str, str]]:
+    return body, signed_headers(body, secret=new_secret("legacy"), generation="legacy")
+
+
+def _wrong_standard_secret(body: bytes, _headers: dict[str, str]) -> tuple[bytes, dict[str, str]]:
+    return body, signed_headers(body, secret=new_secret("standard"), generation="standard")
 
 
 def _stale(body: bytes, _headers: dict[str, str]) -> tuple[bytes, dict[str, str]]:
@@ -282,7 +383,8 @@ def _no_type(_body: bytes, _headers: dict[str, str]) -> tuple[bytes, dict[str, s
     ("mutate", "status"),
     [
         (_tampered, 403),
-        (_wrong_secret, 403),
+        (_wrong_legacy_secret, 403),
+        (_wrong_standard_secret, 403),
         (_stale, 403),
         (_future, 403),
         (_garbage_signature, 403),

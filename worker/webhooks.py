@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import contextlib
 import hashlib
 import hmac
 import json
 import socket
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -62,15 +63,26 @@ class SignatureRejected(Exception):
         self.reason = reason
 
 
-def sign(secret: str, webhook_id: str, timestamp: str, body: bytes) -> str:
-    """Polar's signature (base64 HMAC-SHA256 of `id.timestamp.body`) keyed with the UTF-8
-    bytes of the WHOLE `whsec_…` secret: Polar does not base64-decode it."""
-    message = f"{webhook_id}.{timestamp}.".encode() + body
-    return base64.b64encode(hmac.new(secret.encode(), message, hashlib.sha256).digest()).decode()
+def signing_keys(secret: str) -> tuple[bytes, ...]:
+    """Every key Polar may sign with for this endpoint secret.
+
+    Polar picks the key by when the secret was generated, which a receiver cannot know:
+    before 2026-09-08 it is the UTF-8 bytes of the WHOLE `whsec_…` string; since then the
+    secret is `whsec_` + base64 of random bytes and the key is that base64 decoded (the
+    Standard Webhooks scheme). So both are candidates, the second only when the remainder
+    decodes (padding restored, as the secret may be shown without it).
+    """
+    legacy = secret.encode()
+    remainder = secret.removeprefix("whsec_")
+    try:
+        decoded = base64.b64decode(remainder + "=" * (-len(remainder) % 4), validate=True)
+    except binascii.Error:
+        return (legacy,)
+    return (legacy, decoded) if decoded and decoded != legacy else (legacy,)
 
 
 def verify_signature(
-    secret: str,
+    keys: Sequence[bytes],
     *,
     webhook_id: str,
     timestamp: str,
@@ -79,8 +91,9 @@ def verify_signature(
     now: float | None = None,
     tolerance: int = TOLERANCE_SECONDS,
 ) -> None:
-    """Raise SignatureRejected unless one of the space-separated `v1,<sig>` values is
-    the signature of this message and the timestamp is within `tolerance` seconds."""
+    """Raise SignatureRejected unless one of the space-separated `v1,<base64>` values is
+    the HMAC-SHA256 of `id.timestamp.body` under one of `keys`, and the timestamp is
+    within `tolerance` seconds."""
     try:
         sent_at = int(timestamp)
     except ValueError:
@@ -88,13 +101,21 @@ def verify_signature(
     current = time.time() if now is None else now
     if abs(current - sent_at) > tolerance:
         raise SignatureRejected("stale_timestamp" if sent_at < current else "future_timestamp")
-    expected = sign(secret, webhook_id, timestamp, body).encode()
+    message = f"{webhook_id}.{timestamp}.".encode() + body
+    expected = [hmac.new(key, message, hashlib.sha256).digest() for key in keys]
     matched = False
     for candidate in signature_header.split():
-        version, _, value = candidate.partition(",")
-        # Check every candidate so timing says nothing about which one matched.
-        if version == "v1" and hmac.compare_digest(value.encode(), expected):
-            matched = True
+        version, comma, value = candidate.partition(",")
+        if version != "v1" or not comma:
+            continue
+        try:
+            given = base64.b64decode(value, validate=True)
+        except binascii.Error:
+            continue
+        # Every value against every key, no early exit: timing says nothing about
+        # which value or which key matched.
+        for digest in expected:
+            matched |= hmac.compare_digest(digest, given)
     if not matched:
         raise SignatureRejected("bad_signature")
 
@@ -188,10 +209,15 @@ def lazy_redis(url: str) -> ArqRedis:
 class Receiver:
     """The resources of one web process, built in the lifespan (no I/O at import)."""
 
-    secret: str
+    secret: str = field(repr=False)
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
     redis: ArqRedis | None
+    # Derived once per process, not per request.
+    keys: tuple[bytes, ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.keys = signing_keys(self.secret)
 
     async def close(self) -> None:
         if self.redis is not None:
@@ -231,7 +257,7 @@ class Receiver:
         bound = log.bind(webhook_id=webhook_id)
         try:
             verify_signature(
-                self.secret,
+                self.keys,
                 webhook_id=webhook_id,
                 timestamp=timestamp,
                 body=body,
