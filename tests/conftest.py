@@ -31,7 +31,9 @@ BACKENDS = [
     if b.strip()
 ]
 SIM_TOKEN = "polar_oat_simulated"
-WEBHOOK_SECRET = "whsec_test_" + "x" * 32
+# An endpoint secret as Polar issues it today: `whsec_` + base64 of 32 random bytes, signed
+# with the decoded bytes (Standard Webhooks). Fixed, so a failing run can be replayed.
+WEBHOOK_SECRET = "whsec_c2VhdC1zeW5jIHRlc3RzOiBhIDMyLWJ5dGUga2V5ISE="
 
 
 def _pg_url(database: str) -> str:

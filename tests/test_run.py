@@ -1,4 +1,8 @@
-"""`seat-sync run` on the embedded defaults: no DATABASE_URL, no REDIS_URL, one command."""
+"""`seat-sync run` on the embedded defaults: no DATABASE_URL, no REDIS_URL, one command.
+
+An endpoint secret of either generation works end to end: the simulated Polar signs as
+Polar does for that endpoint, the receiver verifies, the mirror shows the seat.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +16,11 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
-from tests.conftest import SIM_TOKEN, WEBHOOK_SECRET
+from tests.conftest import SIM_TOKEN
 from worker.simulator.server import SimulatedPolar
+from worker.simulator.webhooks import SecretKind, new_webhook_secret
 
 SEAT_SYNC = str(Path(sys.executable).with_name("seat-sync"))
 
@@ -42,9 +48,11 @@ async def seats_json(env: dict[str, str], cwd: Path) -> list[dict[str, object]]:
     return rows
 
 
+@pytest.mark.parametrize("secret_kind", ["standard", "legacy"])
 async def test_run_mirrors_webhooks_on_embedded_defaults(
-    sim: SimulatedPolar, tmp_path: Path
+    sim: SimulatedPolar, tmp_path: Path, secret_kind: SecretKind
 ) -> None:
+    secret = new_webhook_secret(secret_kind)
     port = free_port()
     env = {
         k: v for k, v in os.environ.items() if not k.startswith(("POLAR_", "DATABASE_", "REDIS_"))
@@ -52,7 +60,7 @@ async def test_run_mirrors_webhooks_on_embedded_defaults(
     env.update(
         POLAR_API_URL=sim.base_url,
         POLAR_ACCESS_TOKEN=SIM_TOKEN,
-        POLAR_WEBHOOK_SECRET=WEBHOOK_SECRET,
+        POLAR_WEBHOOK_SECRET=secret,
         LOG_FORMAT="json",
     )
     log_path = tmp_path / "run.log"
@@ -82,7 +90,7 @@ async def test_run_mirrors_webhooks_on_embedded_defaults(
             assert (tmp_path / ".seat-sync" / "redis.sock").exists()  # the private Redis
 
             sim.webhooks.configure(
-                url=f"http://127.0.0.1:{port}/webhooks/polar", secret=WEBHOOK_SECRET
+                url=f"http://127.0.0.1:{port}/webhooks/polar", secret=secret, kind=secret_kind
             )
             sub = sim.state.create_subscription(seats=2)
             seat = sim.state.assign(subscription_id=sub["id"], email="run@example.com")
@@ -108,3 +116,6 @@ async def test_run_mirrors_webhooks_on_embedded_defaults(
             code = await asyncio.wait_for(proc.wait(), 30)
     assert code == 0, log_path.read_text()
     assert not (tmp_path / ".seat-sync" / "redis.sock").exists()  # its Redis stopped with it
+    # Every delivery was verified and accepted on its first attempt (a 403 would be retried).
+    assert sim.webhooks.attempts
+    assert [a.status_code for a in sim.webhooks.attempts] == [202] * len(sim.webhooks.attempts)

@@ -1,28 +1,27 @@
-"""The simulated Polar behaves like REFERENCE.md says real Polar does, over real HTTP."""
+"""The simulated Polar behaves like real Polar does, over real HTTP.
+
+Whether its bodies and signatures are what Polar's own SDK expects is checked in
+`test_simulator_oracle.py`.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import json
-import socket
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
-import uvicorn
-from standardwebhooks import Webhook
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
+from polar.v2026_10.webhooks import validate_event
 
+from tests.support.polar_sdk_oracle import WebhookCapture
+from tests.support.polar_signing import polar_signature_header
 from worker.simulator.server import SimulatedPolar
-from worker.simulator.state import SimState
-from worker.simulator.webhooks import WebhookSender, sign, verify
+from worker.simulator.state import SimError, SimState
+from worker.simulator.webhooks import WebhookSender, new_webhook_secret, sign
 
 VECTOR_SECRET = "whsec_ovyN6cPrTv56AApvzCaJno08SSmGJmgbWilb33N2JuK"
 VECTOR_ID = "0f3e8f8e-5a1b-4c2d-9e7f-1a2b3c4d5e6f"
@@ -32,7 +31,7 @@ VECTOR_BODY = (
     b'"data":{"id":"9b1c0c1e-2f2a-4d8e-8a55-0c1b6f3c8e11"}}'
 )
 VECTOR_SIGNATURE = "v1,MixzmdTOx+QJmVdDnQ0mG73viqr8GXB8/GD33dDX80w="
-SECRET = "whsec_test-secret-for-simulator"
+SECRET = "whsec_" + base64.b64encode(b"simulator test key, 32 bytes...!").decode()
 SEATS = "/v1/customer-seats"
 
 
@@ -56,36 +55,10 @@ async def api(sim: SimulatedPolar) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
-@dataclass
-class Receiver:
-    """A tiny webhook endpoint on a loopback port that records raw deliveries."""
-
-    url: str = ""
-    received: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
-    statuses: list[int] = field(default_factory=list)  # answers to give first, then 202
-
-    async def handle(self, request: Request) -> Response:
-        self.received.append((dict(request.headers), await request.body()))
-        return Response(status_code=self.statuses.pop(0) if self.statuses else 202)
-
-
 @pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    recv = Receiver()
-    app = Starlette(routes=[Route("/hook", recv.handle, methods=["POST"])])
-    sock = socket.socket()
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind(("127.0.0.1", 0))
-    recv.url = f"http://127.0.0.1:{sock.getsockname()[1]}/hook"
-    server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_config=None))
-    task = asyncio.create_task(server._serve(sockets=[sock]))
-    for _ in range(1000):
-        if server.started:
-            break
-        await asyncio.sleep(0.005)
-    yield recv
-    server.should_exit = True
-    await task
+async def receiver() -> AsyncIterator[WebhookCapture]:
+    async with WebhookCapture().serving() as endpoint:
+        yield endpoint
 
 
 def seat_events(state: SimState) -> list[str]:
@@ -95,45 +68,36 @@ def seat_events(state: SimState) -> list[str]:
 # ---------------------------------------------------------------------- signatures
 
 
-def test_signature_reproduces_reference_test_vector() -> None:
-    assert sign(VECTOR_SECRET, VECTOR_ID, VECTOR_TS, VECTOR_BODY) == VECTOR_SIGNATURE
+def test_legacy_signature_reproduces_polars_test_vector() -> None:
+    assert sign(VECTOR_SECRET, "legacy", VECTOR_ID, VECTOR_TS, VECTOR_BODY) == VECTOR_SIGNATURE
 
 
-def test_signature_key_is_whole_secret_not_base64_decoded() -> None:
-    # standardwebhooks base64-decodes a whsec_ secret; Polar's key is the raw string bytes.
-    wrong = Webhook(VECTOR_SECRET)
-    right = Webhook(base64.b64encode(VECTOR_SECRET.encode()).decode())
-    headers = {
-        "webhook-id": VECTOR_ID,
-        "webhook-timestamp": str(VECTOR_TS),
-        "webhook-signature": VECTOR_SIGNATURE,
-    }
-    assert right.sign(VECTOR_ID, datetime.fromtimestamp(VECTOR_TS, UTC), VECTOR_BODY.decode()) == (
-        VECTOR_SIGNATURE
-    )
-    assert wrong.sign(VECTOR_ID, datetime.fromtimestamp(VECTOR_TS, UTC), VECTOR_BODY.decode()) != (
-        VECTOR_SIGNATURE
-    )
-    assert verify(
-        VECTOR_SECRET,
-        VECTOR_ID,
-        VECTOR_TS,
-        VECTOR_BODY,
-        headers["webhook-signature"],
-        now=VECTOR_TS,
-    )
+def test_standard_signature_uses_the_decoded_key() -> None:
+    secret = new_webhook_secret("standard")
+    args = (VECTOR_ID, VECTOR_TS, VECTOR_BODY)
+    expected = polar_signature_header(secret, "standard", *args)
+    assert sign(secret, "standard", *args) == expected
+    # The same secret used the legacy way (whole string as key) gives another signature.
+    assert sign(secret, "legacy", *args) == polar_signature_header(secret, "legacy", *args)
+    assert sign(secret, "legacy", *args) != expected
 
 
-def test_verify_accepts_any_of_several_space_separated_signatures() -> None:
-    header = f"v1,bm90LXRoZS1zaWduYXR1cmU= {VECTOR_SIGNATURE} v1a,ignored"
-    assert verify(VECTOR_SECRET, VECTOR_ID, VECTOR_TS, VECTOR_BODY, header, now=VECTOR_TS)
-    assert not verify(
-        VECTOR_SECRET, VECTOR_ID, VECTOR_TS, VECTOR_BODY, "v1,bm90 v1,YWJj", now=VECTOR_TS
-    )
-    # Outside the +-5 minute tolerance even a correct signature is refused.
-    assert not verify(
-        VECTOR_SECRET, VECTOR_ID, VECTOR_TS, VECTOR_BODY, VECTOR_SIGNATURE, now=VECTOR_TS + 301
-    )
+def test_new_secrets_are_shaped_like_polars() -> None:
+    standard = new_webhook_secret("standard")
+    legacy = new_webhook_secret("legacy")
+    assert standard.startswith("whsec_")
+    assert len(base64.b64decode(standard.removeprefix("whsec_"), validate=True)) == 32
+    assert legacy.startswith("whsec_")
+    assert len(legacy.removeprefix("whsec_")) == 43  # 32 random bytes, URL-safe text
+    assert standard != new_webhook_secret("standard")
+
+
+def test_a_standard_endpoint_refuses_a_secret_that_is_not_base64_without_echoing_it() -> None:
+    odd = "whsec_not-base64-at-all!"
+    with pytest.raises(ValueError, match="legacy") as refused:
+        WebhookSender(SimState(), secret=odd)
+    assert odd not in str(refused.value)
+    assert WebhookSender(SimState(), secret=odd, secret_kind="legacy").secret == odd
 
 
 # ---------------------------------------------------------------------- seat lifecycle
@@ -396,6 +360,86 @@ async def test_delete_member_revokes_their_seats(sim: SimulatedPolar) -> None:
     ]
 
 
+async def test_creating_a_member_sends_member_created(sim: SimulatedPolar) -> None:
+    sub = sim.state.create_subscription(seats=2)
+    before = len(sim.state.events)
+
+    seat = sim.state.assign(subscription_id=sub["id"], email="new@x.io")
+
+    created = [e for e in sim.state.events[before:] if e.type == "member.created"]
+    assert [e.data["id"] for e in created] == [seat["member_id"]]
+    assert created[0].data["customer_id"] == sub["customer_id"]
+
+
+async def test_without_the_member_model_the_address_is_only_in_customer_email() -> None:
+    async with SimulatedPolar(member_model=False) as sim, sim.client() as api:
+        sub = sim.state.create_subscription(seats=3, customer_email="buyer@x.io")
+        seat = (
+            await api.post(SEATS, json={"subscription_id": sub["id"], "email": "a@x.io"})
+        ).json()
+        again = await api.post(SEATS, json={"subscription_id": sub["id"], "email": "a@x.io"})
+        by_member = await api.post(
+            SEATS,
+            json={
+                "subscription_id": sub["id"],
+                "member_id": "6b0f0b1e-1111-4222-8333-444455556666",
+            },
+        )
+        resent = await api.post(f"{SEATS}/{seat['id']}/resend")
+        revoked = (await api.delete(f"{SEATS}/{seat['id']}")).json()
+
+    assert (seat["email"], seat["member_id"], seat["member"]) == (None, None, None)
+    assert seat["customer_email"] == "a@x.io"
+    holder = sim.state.customers[seat["customer_id"]]
+    assert holder["email"] == "a@x.io"  # the holder's own customer, not the buyer
+    assert seat["customer_id"] != sub["customer_id"]
+    assert again.json()["error"] == "SeatAlreadyAssigned"
+    assert by_member.json()["error"] == "InvalidSeatAssignmentRequest"
+    assert resent.status_code == 200  # the invitation goes to customer_email
+    assert revoked["customer_email"] is None
+    assert not sim.state.members
+    assert not [t for t in sim.state.event_types() if t.startswith("member.")]
+
+
+@pytest.mark.parametrize("member_model", [True, False], ids=["member-model", "no-member-model"])
+async def test_customer_email_change_rewrites_customer_email_with_only_customer_updated(
+    member_model: bool,
+) -> None:
+    async with SimulatedPolar(member_model=member_model) as sim, sim.client() as api:
+        sub = sim.state.create_subscription(seats=2, customer_email="buyer@x.io")
+        seat = sim.state.assign(subscription_id=sub["id"], email="old@x.io")
+        other = sim.state.create_subscription(seats=1)
+        bystander = sim.state.assign(subscription_id=other["id"], email="else@x.io")
+        before = len(sim.state.events)
+
+        customer = sim.state.update_customer_email(seat["customer_id"], "new@x.io")
+
+        new_events = sim.state.events[before:]
+        listed = (await api.get(SEATS, params={"subscription_id": sub["id"]})).json()
+        untouched = (await api.get(SEATS, params={"subscription_id": other["id"]})).json()
+        shown = (await api.get(f"/v1/subscriptions/{sub['id']}")).json()
+
+    assert [e.type for e in new_events] == ["customer.updated"]
+    assert new_events[0].data == customer
+    assert customer["email"] == "new@x.io"
+    assert listed["seats"][0]["customer_email"] == "new@x.io"
+    assert untouched["seats"][0] == bystander
+    # With the member model the seat's customer is the buyer, and `email` stays the member's.
+    expected_email = "old@x.io" if member_model else None
+    assert listed["seats"][0]["email"] == expected_email
+    if member_model:
+        assert shown["customer"]["email"] == "new@x.io"
+
+
+async def test_resend_without_any_address_is_invalid_invitation_token(sim: SimulatedPolar) -> None:
+    sub = sim.state.create_subscription(seats=1)
+    seat = sim.state.assign(subscription_id=sub["id"], email="a@x.io")
+    sim.state.seats[seat["id"]].update(email=None, customer_email=None)
+
+    with pytest.raises(SimError, match="InvalidInvitationToken"):
+        sim.state.resend(seat["id"])
+
+
 # ---------------------------------------------------------------------- listing
 
 
@@ -481,6 +525,60 @@ async def test_orders_list_and_seat_based_shapes(
     assert one.status_code == 200
     assert one.json()["id"] == order["id"]
     assert (await api.get("/v1/orders/", params={"limit": 0})).status_code == 422
+
+
+async def test_subscription_orders_carry_the_subscription_and_the_first_one_its_seats() -> None:
+    async with SimulatedPolar(subscription_orders=True) as sim, sim.client() as api:
+        sub = sim.state.create_subscription(seats=3)
+        sim.state.apply_pending_update(sub["id"])  # a renewal
+        one_time = sim.state.create_order(seats=2)
+        orders = (await api.get("/v1/orders/", params={"sorting": "created_at"})).json()["items"]
+        first = orders[0]
+        seats_of_first = (await api.get(SEATS, params={"order_id": first["id"]})).json()
+
+    assert [(o["billing_reason"], o["subscription_id"], o["seats"]) for o in orders] == [
+        ("subscription_create", sub["id"], 3),
+        ("subscription_cycle", sub["id"], None),
+        ("purchase", None, 2),
+    ]
+    assert first["subscription"]["id"] == sub["id"]
+    assert orders[2]["id"] == one_time["id"]
+    assert orders[2]["subscription"] is None
+    # Polar answers with the order's own `seats` count though its seats live on the
+    # subscription: a mirror must not take this order for a seat scope.
+    assert seats_of_first == {"seats": [], "available_seats": 3, "total_seats": 3}
+
+
+async def test_subscriptions_create_no_orders_unless_asked(sim: SimulatedPolar) -> None:
+    sim.state.create_subscription(seats=3)
+    assert not sim.state.orders
+    sim.state.create_subscription(seats=3, with_order=True)
+    assert len(sim.state.orders) == 1
+
+
+async def test_orders_list_filters_by_product_billing_type() -> None:
+    async with SimulatedPolar(subscription_orders=True) as sim, sim.client() as api:
+        sub = sim.state.create_subscription(seats=3)
+        one_time = sim.state.create_order(seats=2)
+
+        async def listed(*types: str) -> list[str]:
+            params: list[tuple[str, str | int | float | bool | None]] = [
+                ("product_billing_type", t) for t in types
+            ]
+            response = await api.get("/v1/orders/", params=params)
+            assert response.status_code == 200, response.text
+            return [o["id"] for o in response.json()["items"]]
+
+        only_one_time = await listed("one_time")
+        recurring = await listed("recurring")
+        both = await listed("one_time", "recurring")
+        bad = await api.get("/v1/orders/", params={"product_billing_type": "monthly"})
+
+    assert only_one_time == [one_time["id"]]
+    assert [sim.state.orders[i]["subscription_id"] for i in recurring] == [sub["id"]]
+    assert sorted(both) == sorted(sim.state.orders)
+    assert bad.status_code == 422
+    assert bad.json()["detail"][0]["loc"] == ["query", "product_billing_type", 0]
 
 
 # ---------------------------------------------------------------------- edges
@@ -585,7 +683,7 @@ async def test_unknown_polar_version_is_404(sim: SimulatedPolar, api: httpx.Asyn
 
 
 async def test_webhooks_arrive_signed_and_redelivery_resends_same_bytes(
-    receiver: Receiver,
+    receiver: WebhookCapture,
 ) -> None:
     ticks = iter(range(1_767_225_600, 1_767_225_700))
     now = time.time()
@@ -600,14 +698,10 @@ async def test_webhooks_arrive_signed_and_redelivery_resends_same_bytes(
     assert receiver.received
     for headers, body in receiver.received:
         assert headers["content-type"] == "application/json"
-        assert verify(
-            SECRET,
-            headers["webhook-id"],
-            headers["webhook-timestamp"],
-            body,
-            headers["webhook-signature"],
+        validate_event(body, headers, SECRET)  # Polar's own SDK
+        assert headers["webhook-signature"] == polar_signature_header(
+            SECRET, "standard", headers["webhook-id"], headers["webhook-timestamp"], body
         )
-        assert Webhook(base64.b64encode(SECRET.encode()).decode()).verify(body, headers)
     first_headers, first_body = receiver.received[0]
     retries = [
         (h, b) for h, b in receiver.received if h["webhook-id"] == first_headers["webhook-id"]
@@ -619,12 +713,15 @@ async def test_webhooks_arrive_signed_and_redelivery_resends_same_bytes(
     types = [json.loads(b)["type"] for _, b in receiver.received]
     assert "customer_seat.assigned" in types
     envelope = json.loads(next(b for _, b in receiver.received if b"customer_seat.assigned" in b))
-    assert set(envelope) == {"type", "timestamp", "data"}
+    assert list(envelope) == ["type", "timestamp", "data", "api_version"]
+    assert envelope["api_version"] == "2026-10"
     assert envelope["data"]["email"] == "a@x.io"
     assert b" " not in first_body.split(b'"data"')[0]  # compact JSON
 
 
-async def test_endpoint_is_disabled_after_consecutive_failed_events(receiver: Receiver) -> None:
+async def test_endpoint_is_disabled_after_consecutive_failed_events(
+    receiver: WebhookCapture,
+) -> None:
     state = SimState()
     sender = WebhookSender(state, url=receiver.url, secret=SECRET, max_attempts=1, disable_after=3)
     await sender.start()
@@ -641,7 +738,7 @@ async def test_endpoint_is_disabled_after_consecutive_failed_events(receiver: Re
     assert len(sender.discarded) == 3  # created while disabled: never sent, no backfill
 
 
-async def test_chaos_drop_and_duplicate(receiver: Receiver) -> None:
+async def test_chaos_drop_and_duplicate(receiver: WebhookCapture) -> None:
     state = SimState()
     sender = WebhookSender(state, url=receiver.url, secret=SECRET)
     await sender.start()
@@ -769,6 +866,17 @@ async def test_control_api_drives_the_simulator(sim: SimulatedPolar) -> None:
         counted = (await ctl.get("/_sim/log", params={"status": "502"})).json()
         canceled = await ctl.post(f"/_sim/subscriptions/{sub['id']}/cancel", json={})
         missing = await ctl.post("/_sim/seats/6b0f0b1e-1111-4222-8333-444455556666/revoke")
+        legacy = new_webhook_secret("legacy")
+        configured = await ctl.post(
+            "/_sim/webhooks/config", json={"secret": legacy, "kind": "legacy"}
+        )
+        status = await ctl.get("/_sim/webhooks")
+        not_base64 = await ctl.post(
+            "/_sim/webhooks/config", json={"secret": "whsec_x-y!", "kind": "standard"}
+        )
+        renamed = await ctl.post(
+            f"/_sim/customers/{sub['customer_id']}/email", json={"email": "new@x.io"}
+        )
 
     assert token
     assert claimed["status"] == "claimed"
@@ -776,3 +884,12 @@ async def test_control_api_drives_the_simulator(sim: SimulatedPolar) -> None:
     assert canceled.json()["status"] == "canceled"
     assert missing.status_code == 404
     assert sim.state.seats[seat["id"]]["status"] == "revoked"
+    # The secret a caller sets is never echoed back; its kind is.
+    for answer in (configured, status, not_base64):
+        assert legacy not in answer.text and "whsec_x-y!" not in answer.text
+    assert configured.json()["secret_kind"] == "legacy"
+    assert status.json()["secret_kind"] == "legacy"
+    assert not_base64.status_code == 400
+    assert (sim.webhooks.secret, sim.webhooks.secret_kind) == (legacy, "legacy")
+    assert renamed.json()["email"] == "new@x.io"
+    assert sim.state.event_types()[-1] == "customer.updated"

@@ -282,6 +282,21 @@ def simulator(
     ] = "polar_oat_simulated",  # noqa: S107 - the simulator's public demo token
     webhook_url: Annotated[str | None, typer.Option(help="Deliver signed webhooks here.")] = None,
     webhook_secret: Annotated[str | None, typer.Option(envvar="POLAR_WEBHOOK_SECRET")] = None,
+    legacy_webhook_secret: Annotated[
+        bool,
+        typer.Option(
+            help="Sign as Polar does for endpoints created before 2026-09-08 (the whole "
+            "secret string is the key); default: today's endpoints (base64-decoded key)."
+        ),
+    ] = False,
+    member_model: Annotated[
+        bool,
+        typer.Option(
+            "--member-model/--no-member-model",
+            help="Simulate an organisation with Polar's member model (seats carry `email`), "
+            "or without it (the address is only in `customer_email`).",
+        ),
+    ] = True,
     rate_limit: Annotated[int, typer.Option(help="Requests per window per organisation.")] = 500,
     rate_window: Annotated[float, typer.Option(help="Rate-limit window in seconds.")] = 60.0,
     latency: Annotated[float, typer.Option(help="Added latency per request, seconds.")] = 0.0,
@@ -299,6 +314,8 @@ def simulator(
         token=token,
         webhook_url=webhook_url,
         webhook_secret=webhook_secret,
+        webhook_secret_kind="legacy" if legacy_webhook_secret else "standard",
+        member_model=member_model,
         rate_limit=rate_limit,
         rate_window=rate_window,
         latency=latency,

@@ -26,7 +26,6 @@ from worker.models import Seat, SeatChange, seat_json
 from worker.polar import CustomerSeat
 
 DEMO_TOKEN = "polar_oat_simulated"
-DEMO_SECRET = "whsec_demo_" + "k" * 32
 
 
 def _normalised(seat: dict[str, Any]) -> dict[str, Any]:
@@ -36,6 +35,7 @@ def _normalised(seat: dict[str, Any]) -> dict[str, Any]:
 async def run_demo(data_dir: Path, console: Console) -> bool:
     """Run the scenario; True when the mirror matched Polar after every step."""
     from worker.simulator.server import SimulatedPolar
+    from worker.simulator.webhooks import new_webhook_secret
     from worker.webhooks import running
 
     def fresh_dir() -> Path:
@@ -44,7 +44,9 @@ async def run_demo(data_dir: Path, console: Console) -> bool:
         return (data_dir / "mirror.db").resolve()
 
     database_url = f"sqlite:///{await asyncio.to_thread(fresh_dir)}"
-    sim = SimulatedPolar(token=DEMO_TOKEN, seed=7)
+    # A webhook endpoint created today: a standard secret, signed with its decoded key.
+    secret = new_webhook_secret("standard")
+    sim = SimulatedPolar(token=DEMO_TOKEN, seed=7, webhook_secret=secret)
     await sim.start()
     redis = EmbeddedRedis(data_dir)
     redis_url = await redis.start()
@@ -52,7 +54,7 @@ async def run_demo(data_dir: Path, console: Console) -> bool:
         database_url=database_url,
         polar_access_token=DEMO_TOKEN,
         polar_api_url=sim.base_url,
-        polar_webhook_secret=DEMO_SECRET,
+        polar_webhook_secret=secret,
         data_dir=data_dir,
         sync_retry_base_seconds=0.2,
     )
@@ -60,7 +62,7 @@ async def run_demo(data_dir: Path, console: Console) -> bool:
     worker = build_worker(settings, redis_url, handle_signals=False)
     receiver = running(settings, redis_url=redis_url)
     webhook_url = await receiver.__aenter__()
-    sim.webhooks.configure(url=webhook_url, secret=DEMO_SECRET)
+    sim.webhooks.configure(url=webhook_url)
     tasks = [asyncio.create_task(worker.async_run())]
     engine = create_engine(database_url, read_only=True)
     sessions = session_factory(engine)

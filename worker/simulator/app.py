@@ -2,7 +2,8 @@
 
 Every `/v1` request passes, in order: request log, per-organization fixed-window rate
 limit, `Polar-Version` check, injected faults, injected latency, then the route (auth,
-scopes, validation, the seat feature flag, and `SimState`).
+scopes, validation, the seat feature flag, and `SimState`). Bodies are served in the shapes
+of the request's `Polar-Version` (without one, the simulator's configured version).
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ from worker.simulator.state import (
     SimState,
     SimValidationError,
 )
+from worker.simulator.versions import API_VERSIONS, DEFAULT_API_VERSION, check_api_version, render
 
-API_VERSION = "2026-04"
+API_VERSION = DEFAULT_API_VERSION
 DEFAULT_TOKEN = "polar_oat_simulated"
 ALL_SCOPES = frozenset(
     {
@@ -227,8 +229,11 @@ class ApiRuntime:
         latency: float = 0.0,
         seed: int = 0,
         clock: Callable[[], float] = time.monotonic,
+        api_version: str = DEFAULT_API_VERSION,
     ) -> None:
         self.tokens: dict[str, frozenset[str]] = {token: ALL_SCOPES}
+        # Served to a request that sends no `Polar-Version` (Polar serves its default).
+        self.api_version = check_api_version(api_version)
         self.clock = clock
         self.limiter = RateLimiter(rate_limit, rate_window, clock)
         self.log = RequestLog()
@@ -370,7 +375,8 @@ class _V1Gate:
             )
             return
         version = request.headers.get("polar-version")
-        if version is not None and version != API_VERSION:
+        if version is not None and version not in API_VERSIONS:
+            # What Polar answers for a version it does not serve: no `error` key.
             await JSONResponse({"detail": "Not Found"}, 404)(scope, receive, send)
             return
         target = request.url.path + ("?" + request.url.query if request.url.query else "")
@@ -578,7 +584,8 @@ def _endpoint(
             return JSONResponse(error.body(), error.status_code)
         if isinstance(result, Response):
             return result
-        return JSONResponse(result, 200)
+        version = request.headers.get("polar-version") or runtime.api_version
+        return JSONResponse(render(result, version), 200)
 
     return endpoint
 
@@ -672,7 +679,12 @@ def v1_routes(state: SimState, runtime: ApiRuntime) -> list[BaseRoute]:
 
     async def list_orders(request: Request) -> JSON:
         page, limit, sorting = page_args(request)
-        return state.list_orders(page=page, limit=limit, sorting=sorting)
+        return state.list_orders(
+            page=page,
+            limit=limit,
+            sorting=sorting,
+            product_billing_type=request.query_params.getlist("product_billing_type") or None,
+        )
 
     async def get_order(request: Request) -> JSON:
         return state.get_order(_parse_id(request.path_params["id"], "id"))

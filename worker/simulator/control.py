@@ -1,7 +1,8 @@
 """The `/_sim/` control API: drive the simulated Polar from another process (demo, e2e).
 
 No auth, loopback clients only, not rate limited and not in the request log. Errors use
-the same `{"error", "detail"}` bodies as the API.
+the same `{"error", "detail"}` bodies as the API. The webhook secret is never echoed (a
+caller may set one, and learns only its kind).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def control_routes(state: SimState, runtime: ApiRuntime, sender: WebhookSender) 
             customer_email=body.get("customer_email"),
             started=body.get("started", True),
             seat_based_price=body.get("seat_based_price"),
+            with_order=body.get("with_order"),
         )
 
     async def create_order(request: Request, body: JSON) -> JSON:
@@ -99,6 +101,7 @@ def control_routes(state: SimState, runtime: ApiRuntime, sender: WebhookSender) 
             "past-due": state.mark_past_due,
             "unpaid": state.mark_unpaid,
             "cycle": state.apply_pending_update,
+            "order": state.create_subscription_order,
         }
         if action not in actions:
             raise SimError(404, "ResourceNotFound", f"Unknown action {action}")
@@ -106,6 +109,9 @@ def control_routes(state: SimState, runtime: ApiRuntime, sender: WebhookSender) 
 
     async def member_email(request: Request, body: JSON) -> JSON:
         return state.update_member_email(param(request), body["email"])
+
+    async def customer_email(request: Request, body: JSON) -> JSON:
+        return state.update_customer_email(param(request), body["email"])
 
     async def delete_member(request: Request, body: JSON) -> JSON:
         return state.delete_member(param(request))
@@ -156,10 +162,10 @@ def control_routes(state: SimState, runtime: ApiRuntime, sender: WebhookSender) 
         }
 
     async def webhooks_config(request: Request, body: JSON) -> JSON:
-        sender.configure(url=body.get("url"), secret=body.get("secret"))
+        sender.configure(url=body.get("url"), secret=body.get("secret"), kind=body.get("kind"))
         if body.get("enable"):
             sender.enable()
-        return {"url": sender.url, "disabled": sender.disabled}
+        return {"url": sender.url, "disabled": sender.disabled, "secret_kind": sender.secret_kind}
 
     async def webhooks_flush(request: Request, body: JSON) -> JSON:
         await sender.flush(float(body.get("max_wait", 30.0)))
@@ -175,6 +181,8 @@ def control_routes(state: SimState, runtime: ApiRuntime, sender: WebhookSender) 
             "failed": sum(1 for d in sender.deliveries.values() if d.failed),
             "pending_events": len(state.outbox),
             "disabled": sender.disabled,
+            "secret_kind": sender.secret_kind,
+            "api_version": sender.api_version,
         }
 
     async def summary(request: Request, body: JSON) -> JSON:
@@ -185,6 +193,7 @@ def control_routes(state: SimState, runtime: ApiRuntime, sender: WebhookSender) 
             "subscriptions": len(state.subscriptions),
             "orders": len(state.orders),
             "members": len(state.members),
+            "member_model": state.member_model_enabled,
             "seats": statuses,
             "events": len(state.events),
         }
@@ -204,6 +213,7 @@ def control_routes(state: SimState, runtime: ApiRuntime, sender: WebhookSender) 
         route("/seats/{id}/token", token, ["GET"]),
         route("/members/{id}/email", member_email),
         route("/members/{id}", delete_member, ["DELETE"]),
+        route("/customers/{id}/email", customer_email),
         route("/faults", faults, ["POST", "DELETE"]),
         route("/latency", latency),
         route("/rate-limit", rate_limit),

@@ -20,7 +20,6 @@ import httpx
 import uvicorn
 
 from worker.simulator.app import (
-    API_VERSION,
     DEFAULT_TOKEN,
     ApiRuntime,
     FaultKind,
@@ -31,13 +30,24 @@ from worker.simulator.app import (
 )
 from worker.simulator.control import control_routes
 from worker.simulator.state import SimState
-from worker.simulator.webhooks import DeliveryChaos, WebhookSender
+from worker.simulator.versions import DEFAULT_API_VERSION
+from worker.simulator.webhooks import DeliveryChaos, SecretKind, WebhookSender
 
 log = logging.getLogger(__name__)
 
 
 class SimulatedPolar:
-    """A simulated Polar organization served over HTTP on a loopback port."""
+    """A simulated Polar organization served over HTTP on a loopback port.
+
+    `webhook_secret_kind` is the endpoint's secret generation: `standard` (Polar's default
+    today: signed with the base64-decoded key) or `legacy` (an older endpoint: signed with
+    the whole string); without `webhook_secret` one of that kind is generated.
+    `member_model=False` simulates an organisation without the member model (seats carry
+    no member and no `email`; the address is the holder customer's `customer_email`).
+    `api_version` is the webhook endpoint's version (the envelopes' shapes and
+    `api_version`) and what a request without `Polar-Version` is served.
+    `subscription_orders` makes subscriptions create their orders as Polar does.
+    """
 
     def __init__(
         self,
@@ -49,19 +59,36 @@ class SimulatedPolar:
         seed: int = 0,
         webhook_url: str | None = None,
         webhook_secret: str | None = None,
+        webhook_secret_kind: SecretKind = "standard",  # noqa: S107 - a kind, not a secret
+        member_model: bool = True,
+        api_version: str = DEFAULT_API_VERSION,
+        subscription_orders: bool = False,
         clock: Callable[[], datetime] | None = None,
         webhook_backoff: float = 0.05,
         webhook_chaos: DeliveryChaos | None = None,
     ) -> None:
         self.token = token
-        self.state = SimState(clock=clock, seed=seed)
+        self.api_version = api_version
+        self.state = SimState(
+            clock=clock,
+            seed=seed,
+            member_model_enabled=member_model,
+            subscription_orders=subscription_orders,
+        )
         self.runtime = ApiRuntime(
-            token=token, rate_limit=rate_limit, rate_window=rate_window, latency=latency, seed=seed
+            token=token,
+            rate_limit=rate_limit,
+            rate_window=rate_window,
+            latency=latency,
+            seed=seed,
+            api_version=api_version,
         )
         self.webhooks = WebhookSender(
             self.state,
             url=webhook_url,
             secret=webhook_secret,
+            secret_kind=webhook_secret_kind,
+            api_version=api_version,
             seed=seed,
             backoff_base=webhook_backoff,
             chaos=webhook_chaos,
@@ -142,7 +169,10 @@ class SimulatedPolar:
 
     def client(self, token: str | None = None, **kwargs: Any) -> httpx.AsyncClient:
         """An httpx client for the API with the token and `Polar-Version` set."""
-        headers = {"Authorization": f"Bearer {token or self.token}", "Polar-Version": API_VERSION}
+        headers = {
+            "Authorization": f"Bearer {token or self.token}",
+            "Polar-Version": self.api_version,
+        }
         headers.update(kwargs.pop("headers", {}))
         return httpx.AsyncClient(base_url=self.base_url, headers=headers, **kwargs)
 
@@ -216,6 +246,9 @@ def run_simulator(
     token: str = DEFAULT_TOKEN,
     webhook_url: str | None = None,
     webhook_secret: str | None = None,
+    webhook_secret_kind: SecretKind = "standard",  # noqa: S107 - a kind, not a secret
+    member_model: bool = True,
+    api_version: str = DEFAULT_API_VERSION,
     rate_limit: int = 500,
     rate_window: float = 60.0,
     latency: float = 0.0,
@@ -226,16 +259,22 @@ def run_simulator(
     """Serve the simulator until SIGINT/SIGTERM (the `seat-sync simulator` command)."""
 
     async def main() -> None:
-        sim = SimulatedPolar(
-            token=token,
-            rate_limit=rate_limit,
-            rate_window=rate_window,
-            latency=latency,
-            seed=seed,
-            webhook_url=webhook_url,
-            webhook_secret=webhook_secret,
-            webhook_backoff=2.0,
-        )
+        try:
+            sim = SimulatedPolar(
+                token=token,
+                rate_limit=rate_limit,
+                rate_window=rate_window,
+                latency=latency,
+                seed=seed,
+                webhook_url=webhook_url,
+                webhook_secret=webhook_secret,
+                webhook_secret_kind=webhook_secret_kind,
+                member_model=member_model,
+                api_version=api_version,
+                webhook_backoff=2.0,
+            )
+        except ValueError as exc:  # e.g. an older endpoint's secret without the legacy kind
+            raise SystemExit(f"error: {exc} (--legacy-webhook-secret)") from None
         _seed(sim, seed_subscriptions, seed_orders)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -243,12 +282,20 @@ def run_simulator(
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, stop.set)
         await sim.start(host, port)
-        print(f"Simulated Polar API: {sim.base_url}  (Polar-Version: {API_VERSION})", flush=True)
+        print(
+            f"Simulated Polar API: {sim.base_url}  (Polar-Version: {sim.api_version}; "
+            f"member model {'on' if member_model else 'off'})",
+            flush=True,
+        )
         # The demo token is public; a token or secret the caller chose is never echoed.
         shown = sim.token if sim.token == DEFAULT_TOKEN else "(the one given with --token)"
         print(f"Organization access token: {shown}", flush=True)
         if webhook_url:
-            print(f"Webhooks -> {webhook_url}  signed with the given secret", flush=True)
+            kind = sim.webhooks.secret_kind
+            # A secret the simulator generated is its own, like the demo token: shown so
+            # a receiver can be pointed at it. One the caller gave is not.
+            secret = sim.webhooks.secret if webhook_secret is None else "the given secret"
+            print(f"Webhooks -> {webhook_url}  signed with {secret} ({kind} key)", flush=True)
         try:
             await stop.wait()
         finally:

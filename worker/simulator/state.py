@@ -1,8 +1,9 @@
 """In-memory Polar organization state: seats, subscriptions, orders, members, and webhook events.
 
 Pure and synchronous (no I/O), so the HTTP layer, tests and benchmarks drive exactly the
-same rules. Behaviour follows /work/shared/polar/REFERENCE.md, which was checked against
-Polar's server code; where prose docs and code disagree, the code wins here too.
+same rules. Behaviour follows Polar's server code; where its prose docs and its code
+disagree, the code wins here too. Bodies carry every key Polar's own SDK requires for the
+type (`CustomerSeat`, `Subscription`, `Order`, `Member`, `Customer`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,43 @@ from typing import Any, Literal
 JSON = dict[str, Any]
 SeatStatus = Literal["pending", "claimed", "revoked"]
 MemberRole = Literal["owner", "billing_manager", "member"]
+BillingReason = Literal["purchase", "subscription_create", "subscription_cycle"]
+PRODUCT_BILLING_TYPES = frozenset({"one_time", "recurring"})
+# The subscription keys an order embeds as `subscription` (Polar's `OrderSubscription`).
+ORDER_SUBSCRIPTION_KEYS = (
+    "metadata",
+    "created_at",
+    "modified_at",
+    "id",
+    "amount",
+    "currency",
+    "recurring_interval",
+    "recurring_interval_count",
+    "status",
+    "current_period_start",
+    "current_period_end",
+    "current_meter_period_start",
+    "current_meter_period_end",
+    "trial_start",
+    "trial_end",
+    "cancel_at_period_end",
+    "canceled_at",
+    "started_at",
+    "ends_at",
+    "ended_at",
+    "past_due_at",
+    "pause_at_period_end",
+    "paused_at",
+    "resumes_at",
+    "customer_id",
+    "product_id",
+    "discount_id",
+    "checkout_id",
+    "seats",
+    "units",
+    "customer_cancellation_reason",
+    "customer_cancellation_comment",
+)
 
 INVITATION_TTL = timedelta(hours=24)
 METADATA_MAX_KEYS = 10
@@ -152,6 +190,7 @@ class SimState:
         id_factory: Callable[[], str] | None = None,
         seed: int = 0,
         member_model_enabled: bool = True,
+        subscription_orders: bool = False,
         seat_feature_enabled: bool = True,
         organization_name: str = "Simulated Org",
         organization_slug: str = "simulated-org",
@@ -160,7 +199,12 @@ class SimState:
         self._offset = timedelta()
         self.rng = random.Random(seed)
         self._new_id = id_factory or (lambda: str(uuid.uuid4()))
+        # Member model on: seats hold a member (`email`, `member`); off: the holder is a
+        # customer of their own and the address is only in the seat's `customer_email`.
         self.member_model_enabled = member_model_enabled
+        # Polar creates an order for a subscription's first payment (`seats` set) and each
+        # renewal; off by default so tests that count orders see only one-time ones.
+        self.subscription_orders = subscription_orders
         self.seat_feature_enabled = seat_feature_enabled
         self.organization: JSON = {
             "id": self._new_id(),
@@ -253,6 +297,7 @@ class SimState:
             "meter_interval_count": None,
             "is_recurring": recurring,
             "is_archived": False,
+            "is_deletable": False,  # referenced by a subscription or an order
             "organization_id": self.organization["id"],
             "metadata": {},
             "prices": [price],
@@ -264,7 +309,13 @@ class SimState:
         self._product_by_kind[kind] = product_id
         return product
 
-    def _customer(self, email: str | None = None, *, external_id: str | None = None) -> JSON:
+    def _customer(
+        self,
+        email: str | None = None,
+        *,
+        external_id: str | None = None,
+        customer_type: Literal["individual", "team"] = "team",
+    ) -> JSON:
         if email is not None:
             for existing in self.customers.values():
                 if existing["email"] == email:
@@ -279,7 +330,7 @@ class SimState:
             "external_id": external_id,
             "email": email or f"billing-{customer_id[:8]}@example.com",
             "email_verified": False,
-            "type": "team",
+            "type": customer_type,
             "name": None,
             "billing_name": None,
             "billing_address": None,
@@ -292,8 +343,9 @@ class SimState:
             "avatar_url": None,
         }
         self.customers[customer_id] = customer
-        # Every customer has an owner member (Polar's member model).
-        self._create_member(customer_id, customer["email"], role="owner")
+        if self.member_model_enabled:
+            # With the member model every customer has an owner member.
+            self._create_member(customer_id, customer["email"], role="owner")
         return customer
 
     def _create_member(
@@ -336,10 +388,14 @@ class SimState:
         started: bool = True,
         seat_based_price: bool | None = None,
         started_at: datetime | None = None,
+        with_order: bool | None = None,
     ) -> JSON:
         """Create a subscription; `seats=None` makes a non-seat one.
 
         `seat_based_price` defaults to "seat-based exactly when `seats` is a number".
+        `with_order` (default: the state's `subscription_orders`) also creates the paid
+        `subscription_create` order of a started subscription, carrying its `seats` as
+        Polar's does.
         """
         if seat_based_price is None:
             seat_based_price = seats is not None
@@ -378,6 +434,7 @@ class SimState:
             "discount_id": None,
             "checkout_id": None,
             "seats": seats,
+            "units": None,
             "customer_cancellation_reason": None,
             "customer_cancellation_comment": None,
             "metadata": {},
@@ -394,6 +451,8 @@ class SimState:
         self._emit("subscription.created", subscription)
         if started and status == "active":
             self._emit("subscription.active", subscription)
+        if started and (self.subscription_orders if with_order is None else with_order):
+            self.create_subscription_order(sub_id, billing_reason="subscription_create")
         return copy.deepcopy(subscription)
 
     def create_order(
@@ -405,16 +464,65 @@ class SimState:
         created_at: datetime | None = None,
     ) -> JSON:
         """Create a one-time order; `seats=None` makes a non-seat one."""
-        now = created_at or self.now()
         product = self._product(recurring=False, seat_based=seats is not None)
         customer = self._customer(customer_email)
         amount = 1000 * seats if seats is not None else 2000
+        return self._new_order(
+            customer=customer,
+            product=product,
+            amount=amount,
+            seats=seats,
+            status=status,
+            billing_reason="purchase",
+            created_at=created_at,
+        )
+
+    def create_subscription_order(
+        self, sub_id: str, *, billing_reason: BillingReason = "subscription_cycle"
+    ) -> JSON:
+        """The paid order of a subscription payment, as Polar creates it.
+
+        The first one (`subscription_create`, from the checkout) carries the checkout's
+        `seats`; renewals (`subscription_cycle`) carry none. Either answers a seat list by
+        `order_id` with no seats and `total_seats` = its `seats` (Polar reads `order.seats`),
+        though its seats live on the subscription.
+        """
+        subscription = self._subscription(sub_id)
+        customer = self.customers[subscription["customer_id"]]
+        product = self.products[subscription["product_id"]]
+        return self._new_order(
+            customer=customer,
+            product=product,
+            amount=subscription["amount"],
+            seats=subscription["seats"] if billing_reason == "subscription_create" else None,
+            status="paid",
+            billing_reason=billing_reason,
+            subscription=subscription,
+        )
+
+    def _new_order(
+        self,
+        *,
+        customer: JSON,
+        product: JSON,
+        amount: int,
+        seats: int | None,
+        status: str,
+        billing_reason: BillingReason,
+        created_at: datetime | None = None,
+        subscription: JSON | None = None,
+    ) -> JSON:
+        now = created_at or self.now()
         order_id = self._new_id()
         order_product = {
             k: v
             for k, v in product.items()
-            if k not in {"prices", "benefits", "medias", "attached_custom_fields"}
+            # Polar's `OrderProduct`: the product without its lists and `is_deletable`.
+            if k not in {"prices", "benefits", "medias", "attached_custom_fields", "is_deletable"}
         }
+        period: tuple[str | None, str | None] = (None, None)
+        if subscription is not None:
+            period = (subscription["current_period_start"], subscription["current_period_end"])
         order: JSON = {
             "id": order_id,
             "created_at": iso(now),
@@ -431,17 +539,18 @@ class SimState:
             "refunded_amount": 0,
             "refunded_tax_amount": 0,
             "currency": "usd",
-            "billing_reason": "purchase",
+            "billing_reason": billing_reason,
             "billing_name": None,
             "billing_address": None,
             "invoice_number": f"SIM-{len(self.orders) + 1:05d}",
             "is_invoice_generated": False,
             "receipt_number": None,
             "seats": seats,
+            "units": None,
             "customer_id": customer["id"],
             "product_id": product["id"],
             "discount_id": None,
-            "subscription_id": None,
+            "subscription_id": subscription["id"] if subscription is not None else None,
             "checkout_id": None,
             "next_payment_attempt_at": None,
             "metadata": {},
@@ -451,7 +560,9 @@ class SimState:
             "customer": copy.deepcopy(customer),
             "product": order_product,
             "discount": None,
-            "subscription": None,
+            "subscription": {k: copy.deepcopy(subscription[k]) for k in ORDER_SUBSCRIPTION_KEYS}
+            if subscription is not None
+            else None,
             "items": [
                 {
                     "created_at": iso(now),
@@ -462,6 +573,8 @@ class SimState:
                     "tax_amount": 0,
                     "proration": False,
                     "product_price_id": product["prices"][0]["id"],
+                    "start_timestamp": period[0],
+                    "end_timestamp": period[1],
                 }
             ],
             "description": product["name"],
@@ -585,11 +698,21 @@ class SimState:
         existing = self._member_by_email(billing_customer_id, email)
         return existing or self._create_member(billing_customer_id, email)
 
-    def _holder_customer_id(self, billing_customer_id: str, member: JSON) -> str:
-        # Member model on: the seat points at the billing customer. Off: at the holder's own.
-        if self.member_model_enabled:
-            return billing_customer_id
-        return str(self._customer(member["email"])["id"])
+    def _holder_customer(
+        self, *, email: str | None, customer_id: str | None, external_customer_id: str | None
+    ) -> JSON:
+        """Without the member model the seat holder is a customer: found, or made from `email`."""
+        if customer_id is not None or external_customer_id is not None:
+            for customer in self.customers.values():
+                if (customer_id is not None and customer["id"] == customer_id) or (
+                    external_customer_id is not None
+                    and customer["external_id"] == external_customer_id
+                ):
+                    return customer
+            shown = external_customer_id or customer_id
+            raise SimError(404, "CustomerNotFound", f"Customer not found: {shown}")
+        assert email is not None
+        return self._customer(email, customer_type="individual")
 
     def assign(
         self,
@@ -643,25 +766,40 @@ class SimState:
             raise SimError(400, "SeatNotAvailable", "Order must be paid before assigning seats")
         if self._total_seats(container) - self._occupied(container) <= 0:
             raise SimError(400, "SeatNotAvailable", f"No available seats for {container_id}")
-        member = self._resolve_member(
-            container.customer_id,
-            email=email,
-            member_id=member_id,
-            external_member_id=external_member_id,
-            customer_id=customer_id,
-            external_customer_id=external_customer_id,
-        )
-        for seat_id in container.seat_ids:
-            seat = self.seats[seat_id]
-            if seat["status"] != "revoked" and seat["member_id"] == member["id"]:
+        member: JSON | None = None
+        if self.member_model_enabled:
+            # The seat points at the billing customer and holds a member of it.
+            member = self._resolve_member(
+                container.customer_id,
+                email=email,
+                member_id=member_id,
+                external_member_id=external_member_id,
+                customer_id=customer_id,
+                external_customer_id=external_customer_id,
+            )
+            holder = self.customers[container.customer_id]
+            taken = [self.seats[sid]["member_id"] == member["id"] for sid in container.seat_ids]
+            shown = email or member["email"]
+        else:
+            if member_id is not None or external_member_id is not None:
                 raise SimError(
                     400,
-                    "SeatAlreadyAssigned",
-                    f"Seat already assigned to customer {email or member['email']}",
+                    "InvalidSeatAssignmentRequest",
+                    "Exactly one of email, external_customer_id, or customer_id must be provided",
                 )
+            # The seat points at the holder's own customer; the address is its e-mail.
+            holder = self._holder_customer(
+                email=email, customer_id=customer_id, external_customer_id=external_customer_id
+            )
+            taken = [self.seats[sid]["customer_id"] == holder["id"] for sid in container.seat_ids]
+            shown = email or external_customer_id or str(customer_id)
+        if any(
+            same and self.seats[sid]["status"] != "revoked"
+            for sid, same in zip(container.seat_ids, taken, strict=True)
+        ):
+            raise SimError(400, "SeatAlreadyAssigned", f"Seat already assigned to customer {shown}")
 
         now = self.now()
-        holder_customer_id = self._holder_customer_id(container.customer_id, member)
         revoked = [sid for sid in container.seat_ids if self.seats[sid]["status"] == "revoked"]
         if revoked:
             # Polar takes whichever revoked row the database returns first: arbitrary.
@@ -690,11 +828,11 @@ class SimState:
             {
                 "modified_at": iso(now) if revoked else None,
                 "status": "claimed" if immediate_claim else "pending",
-                "customer_id": holder_customer_id,
-                "member_id": member["id"],
+                "customer_id": holder["id"],
+                "member_id": member["id"] if member is not None else None,
                 "member": copy.deepcopy(member),
-                "email": member["email"],
-                "customer_email": self.customers[holder_customer_id]["email"],
+                "email": member["email"] if member is not None else None,
+                "customer_email": holder["email"],
                 "invitation_token_expires_at": None
                 if immediate_claim
                 else iso(now + INVITATION_TTL),
@@ -736,7 +874,7 @@ class SimState:
             "product_id": product["id"],
             "organization_name": self.organization["name"],
             "organization_slug": self.organization["slug"],
-            "customer_email": seat["email"],
+            "customer_email": seat["email"] or seat["customer_email"] or "",
             "can_claim": True,
         }
 
@@ -766,7 +904,7 @@ class SimState:
         if seat["status"] == "revoked":
             return copy.deepcopy(seat)
         now = iso(self.now())
-        # invitation_token_expires_at is deliberately kept (REFERENCE lifecycle item 3).
+        # Polar keeps invitation_token_expires_at on revoke (and on claim).
         seat.update(
             {
                 "status": "revoked",
@@ -790,7 +928,7 @@ class SimState:
         if seat["status"] != "pending":
             raise SimError(400, "SeatNotPending", "Seat is not in pending status")
         token = self._tokens.get(seat_id)
-        if token is None or not seat["email"]:
+        if token is None or not (seat["email"] or seat["customer_email"]):
             raise SimError(400, "InvalidInvitationToken", "Invalid or expired invitation token")
         self._resends[seat_id] = self._resends.get(seat_id, 0) + 1
         return copy.deepcopy(seat)
@@ -921,6 +1059,7 @@ class SimState:
                     "applies_at": subscription["current_period_end"],
                     "product_id": None,
                     "seats": seats,
+                    "units": None,
                 },
             )
         else:
@@ -938,6 +1077,8 @@ class SimState:
         self._touch(subscription, **changes)
         self._emit("subscription.cycled", subscription)
         self._emit("subscription.updated", subscription)
+        if self.subscription_orders:
+            self.create_subscription_order(sub_id, billing_reason="subscription_cycle")
         return copy.deepcopy(subscription)
 
     def refund_order(self, order_id: str) -> JSON:
@@ -973,6 +1114,27 @@ class SimState:
         self._emit("member.updated", member)
         return copy.deepcopy(member)
 
+    def update_customer_email(self, customer_id: str, email: str) -> JSON:
+        """Change a customer's e-mail: `customer.updated`, and no seat webhook.
+
+        Every live seat pointing at the customer shows the new address in `customer_email`
+        (without the member model that is the seat holder's only address); subscriptions
+        and orders embed the customer as it is now.
+        """
+        customer = self.customers.get(customer_id)
+        if customer is None:
+            raise SimError(404, "ResourceNotFound", "Customer not found")
+        now = iso(self.now())
+        customer.update(email=email, modified_at=now)
+        for seat in self.seats.values():
+            if seat["customer_id"] == customer_id and seat["status"] != "revoked":
+                seat.update(customer_email=email, modified_at=now)
+        for container in (*self.subscriptions.values(), *self.orders.values()):
+            if container["customer_id"] == customer_id:
+                container["customer"] = copy.deepcopy(customer)
+        self._emit("customer.updated", customer)
+        return copy.deepcopy(customer)
+
     def delete_member(self, member_id: str) -> JSON:
         """Delete a member: each of their live seats is revoked (one webhook each)."""
         member = self._member(member_id)
@@ -1002,9 +1164,36 @@ class SimState:
         return _paginate(items, page, limit, sorting or ["-started_at"], SUBSCRIPTION_SORT_FIELDS)
 
     def list_orders(
-        self, *, page: int = 1, limit: int = LIST_LIMIT_DEFAULT, sorting: list[str] | None = None
+        self,
+        *,
+        page: int = 1,
+        limit: int = LIST_LIMIT_DEFAULT,
+        sorting: list[str] | None = None,
+        product_billing_type: list[str] | None = None,
     ) -> JSON:
-        items = list(self.orders.values())
+        """Newest first unless `sorting` says otherwise; `product_billing_type` filters by
+        the product's billing type (`recurring`: subscription payments)."""
+        wanted = product_billing_type or []
+        errors = [
+            {
+                "type": "enum",
+                "loc": ["query", "product_billing_type", index],
+                "msg": "Input should be 'one_time' or 'recurring'",
+                "input": value,
+                "ctx": {"expected": "'one_time' or 'recurring'"},
+            }
+            for index, value in enumerate(wanted)
+            if value not in PRODUCT_BILLING_TYPES
+        ]
+        if errors:
+            raise SimValidationError(errors)
+        items = [
+            order
+            for order in self.orders.values()
+            if not wanted
+            or ("recurring" if self.products[order["product_id"]]["is_recurring"] else "one_time")
+            in wanted
+        ]
         return _paginate(items, page, limit, sorting or ["-created_at"], ORDER_SORT_FIELDS)
 
 

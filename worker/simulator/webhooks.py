@@ -1,14 +1,21 @@
 """Signed webhook delivery from the simulated Polar, signed and retried exactly as Polar does.
 
-Polar signs with the UTF-8 bytes of the WHOLE `whsec_…` secret (not base64-decoded), over
-`"{webhook-id}.{webhook-timestamp}.{body}"`. A redelivery re-sends the same body bytes
-with the same `webhook-id` and a fresh `webhook-timestamp`.
+The signature is HMAC-SHA256 over `"{webhook-id}.{webhook-timestamp}.{body}"`, base64, sent
+as `v1,<sig>`. Polar picks the key per endpoint from when its secret was generated:
+
+- `standard` (every endpoint created since 2026-09-08): the secret is `whsec_` + base64 of
+  32 random bytes, and the key is that base64 DECODED (the Standard Webhooks scheme);
+- `legacy` (older endpoints): the key is the UTF-8 bytes of the WHOLE `whsec_…` string.
+
+A redelivery re-sends the same body bytes with the same `webhook-id` and a fresh
+`webhook-timestamp` (so a fresh signature).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import contextlib
 import hashlib
 import hmac
@@ -19,50 +26,69 @@ import time
 import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 
 from worker.simulator.state import Event, SimState, iso
+from worker.simulator.versions import DEFAULT_API_VERSION, check_api_version, render
 
 DELIVERY_TIMEOUT = 10.0
-SIGNATURE_TOLERANCE = 300
+SECRET_PREFIX = "whsec_"
+
+SecretKind = Literal["standard", "legacy"]
+SECRET_KINDS: tuple[SecretKind, ...] = ("standard", "legacy")
 
 
-def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
-    """Polar's `webhook-signature` value: `v1,<base64 HMAC-SHA256>`."""
+def new_webhook_secret(kind: SecretKind = "standard") -> str:
+    """A fresh endpoint secret of the given generation, shaped as Polar issues it."""
+    if kind == "standard":
+        return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
+    if kind == "legacy":
+        return SECRET_PREFIX + secrets.token_urlsafe(32)
+    raise ValueError(f"webhook secret kind must be one of {', '.join(SECRET_KINDS)}")
+
+
+def signing_key(secret: str, kind: SecretKind) -> bytes:
+    """The HMAC key Polar uses for an endpoint whose secret is of generation `kind`.
+
+    The error never repeats the secret.
+    """
+    if kind == "legacy":
+        return secret.encode()
+    if kind != "standard":
+        raise ValueError(f"webhook secret kind must be one of {', '.join(SECRET_KINDS)}")
+    remainder = secret.removeprefix(SECRET_PREFIX)
+    try:
+        key = base64.b64decode(remainder + "=" * (-len(remainder) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        key = b""
+    if not secret.startswith(SECRET_PREFIX) or not key:
+        raise ValueError(
+            "a standard webhook secret is 'whsec_' followed by base64; "
+            "an older endpoint's secret needs the legacy kind"
+        )
+    return key
+
+
+def sign(secret: str, kind: SecretKind, msg_id: str, timestamp: int, body: bytes) -> str:
+    """Polar's `webhook-signature` value for one attempt: `v1,<base64 HMAC-SHA256>`."""
     message = f"{msg_id}.{timestamp}.".encode() + body
-    digest = hmac.new(secret.encode(), message, hashlib.sha256).digest()
+    digest = hmac.new(signing_key(secret, kind), message, hashlib.sha256).digest()
     return "v1," + base64.b64encode(digest).decode()
 
 
-def verify(
-    secret: str,
-    msg_id: str,
-    timestamp: str | int,
-    body: bytes,
-    signature_header: str,
-    *,
-    now: float | None = None,
-    tolerance: int = SIGNATURE_TOLERANCE,
-) -> bool:
-    """Check a header that may carry several space-separated `v1,<sig>` values."""
-    try:
-        ts = int(timestamp)
-    except ValueError:
-        return False
-    current = time.time() if now is None else now
-    if abs(current - ts) > tolerance:
-        return False
-    expected = sign(secret, msg_id, ts, body)
-    return any(
-        hmac.compare_digest(candidate, expected) for candidate in signature_header.split(" ")
-    )
+def envelope_bytes(event: Event, api_version: str = DEFAULT_API_VERSION) -> bytes:
+    """The compact JSON body Polar posts: `{"type", "timestamp", "data", "api_version"}`.
 
-
-def envelope_bytes(event: Event) -> bytes:
-    """The compact JSON body Polar posts: `{"type", "timestamp", "data"}`."""
-    envelope = {"type": event.type, "timestamp": iso(event.timestamp), "data": event.data}
+    `data` has the shapes of the endpoint's API version, which the envelope names.
+    """
+    envelope = {
+        "type": event.type,
+        "timestamp": iso(event.timestamp),
+        "data": render(event.data, api_version),
+        "api_version": api_version,
+    }
     return json.dumps(envelope, separators=(",", ":")).encode()
 
 
@@ -138,6 +164,8 @@ class WebhookSender:
         *,
         url: str | None = None,
         secret: str | None = None,
+        secret_kind: SecretKind = "standard",  # noqa: S107 - a kind, not a secret
+        api_version: str = DEFAULT_API_VERSION,
         timeout: float = DELIVERY_TIMEOUT,
         max_attempts: int = 10,
         backoff_base: float = 0.05,
@@ -151,7 +179,10 @@ class WebhookSender:
     ) -> None:
         self.state = state
         self.url = url
-        self.secret = secret or ("whsec_" + secrets.token_urlsafe(32))
+        self.secret_kind: SecretKind = secret_kind
+        self.secret = secret or new_webhook_secret(secret_kind)
+        signing_key(self.secret, self.secret_kind)  # refuse a secret this kind cannot sign with
+        self.api_version = check_api_version(api_version)
         self.timeout = timeout
         self.max_attempts = max_attempts
         self.backoff = _Backoff(backoff_base, backoff_factor, backoff_max)
@@ -174,11 +205,22 @@ class WebhookSender:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def configure(self, *, url: str | None = None, secret: str | None = None) -> None:
+    def configure(
+        self,
+        *,
+        url: str | None = None,
+        secret: str | None = None,
+        kind: SecretKind | None = None,
+    ) -> None:
+        """Point the endpoint elsewhere or give it a secret (of `kind`, else the current one)."""
+        new_kind = kind or self.secret_kind
+        if secret is not None or kind is not None:
+            signing_key(secret or self.secret, new_kind)
         if url is not None:
             self.url = url
         if secret is not None:
             self.secret = secret
+        self.secret_kind = new_kind
 
     def enable(self) -> None:
         """Re-enable an endpoint Polar disabled; nothing missed is backfilled."""
@@ -251,7 +293,9 @@ class WebhookSender:
             # A disabled endpoint gets no events at all, and none are backfilled later.
             self.discarded.append(webhook_id)
             return None
-        delivery = Delivery(webhook_id=webhook_id, type=event.type, body=envelope_bytes(event))
+        delivery = Delivery(
+            webhook_id=webhook_id, type=event.type, body=envelope_bytes(event, self.api_version)
+        )
         self.deliveries[webhook_id] = delivery
         return delivery
 
@@ -286,7 +330,9 @@ class WebhookSender:
         headers = {
             "webhook-id": delivery.webhook_id,
             "webhook-timestamp": str(timestamp),
-            "webhook-signature": sign(self.secret, delivery.webhook_id, timestamp, delivery.body),
+            "webhook-signature": sign(
+                self.secret, self.secret_kind, delivery.webhook_id, timestamp, delivery.body
+            ),
             "content-type": "application/json",
         }
         status: int | None = None
