@@ -12,7 +12,7 @@ from sqlmodel import col
 
 from tests.conftest import make_settings, run_worker_until_idle
 from worker import queue
-from worker.models import Seat, SeatScope, SyncRun, seat_json
+from worker.models import Seat, SeatChange, SeatScope, SyncRun, seat_json
 from worker.polar import AuthError, CustomerSeat, TransientError
 from worker.services import Services
 from worker.simulator.server import SimulatedPolar
@@ -209,3 +209,25 @@ async def test_history_lists_the_revoked_holder(sim: SimulatedPolar, services: S
     async with services.sessions() as session:
         row = (await session.execute(select(Seat).where(col(Seat.id) == seat["id"]))).scalar_one()
     assert row.email == "yan@example.com" and row.status == "pending"
+
+
+async def test_without_the_member_model_history_names_the_customer_email(
+    sim: SimulatedPolar, services: Services
+) -> None:
+    # Without Polar's member model a seat's `email` is null: the holder's address is its
+    # `customer_email`, and only the mirror remembers it once a revoke nulls the holder.
+    sim.state.member_model_enabled = False
+    sub = sim.state.create_subscription(seats=2)
+    seat = sim.state.assign(subscription_id=sub["id"], email="legacy@example.com")
+    assert seat["email"] is None and seat["customer_email"] == "legacy@example.com"
+    await sync_scope(services, kind="subscription", scope_id=sub["id"])
+    sim.state.revoke(seat["id"])
+    await sync_scope(services, kind="subscription", scope_id=sub["id"])
+    async with services.sessions() as session:
+        changes = (
+            (await session.execute(select(SeatChange).order_by(col(SeatChange.id)))).scalars().all()
+        )
+    assert [(c.change, c.old_email, c.new_email) for c in changes] == [
+        ("created", None, "legacy@example.com"),
+        ("status", "legacy@example.com", None),
+    ]

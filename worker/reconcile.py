@@ -127,9 +127,19 @@ async def lock_scope(session: AsyncSession, kind: str, scope_id: str, now: datet
     return row.scalar_one()
 
 
+def _address(row: dict[str, Any]) -> Any:
+    # `email` is set only with Polar's member model; without it the holder's address is
+    # `customer_email`. A revoked seat has no holder (Polar nulls it), and its
+    # customer_email may still name the billing customer, who is not the holder.
+    if row.get("status") == "revoked":
+        return row.get("email")
+    return row.get("email") or row.get("customer_email")
+
+
 def _holder(row: dict[str, Any]) -> tuple[Any, Any]:
-    # Identify the holder by member and e-mail, never by customer_id (it flips; REFERENCE 6).
-    return row.get("member_id"), row.get("email")
+    # Identify the holder by member and address, never by customer_id: Polar flips its
+    # meaning (billing customer vs the holder's own) when an organisation adopts members.
+    return row.get("member_id"), _address(row)
 
 
 def _change_row(
@@ -151,8 +161,8 @@ def _change_row(
         "change": change,
         "old_status": old["status"] if old else None,
         "new_status": new["status"] if new else None,
-        "old_email": old["email"] if old else None,
-        "new_email": new["email"] if new else None,
+        "old_email": _address(old) if old else None,
+        "new_email": _address(new) if new else None,
         "old_member_id": old["member_id"] if old else None,
         "new_member_id": new["member_id"] if new else None,
         "old_customer_id": old["customer_id"] if old else None,
