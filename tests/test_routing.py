@@ -227,3 +227,17 @@ async def test_a_customer_email_change_reaches_the_mirror_through_customer_updat
     assert mirrored is not None
     assert mirrored.customer_email == "lee.new@example.com"
     assert outcomes == ["synced"]
+
+
+def test_a_subscription_order_routes_to_its_subscription_not_a_new_order_scope() -> None:
+    hint = hint_for(
+        "order.paid",
+        {
+            "id": "ord-1",
+            "seats": 5,
+            "subscription_id": "sub-1",
+            "billing_reason": "subscription_create",
+        },
+    )
+    assert hint.scopes == (ScopeRef("subscription", "sub-1"),)
+    assert ScopeRef("order", "ord-1") not in hint.scopes

@@ -116,6 +116,13 @@ def hint_for(event_type: str, data: Any) -> RouteHint:
         if order_id is None:
             return RouteHint()
         ref = ScopeRef("order", order_id)
+        if subscription_id := _text(data.get("subscription_id")):
+            # A subscription's own order (checkout or renewal) carries the subscription's
+            # `seats`, but its seats live on the subscription: the order's list is empty.
+            subscription = ScopeRef("subscription", subscription_id)
+            if _is_count(data.get("seats")):
+                return RouteHint(scopes=(subscription,), if_known=(ref,))
+            return RouteHint(if_known=(ref, subscription))
         if _is_count(data.get("seats")):
             return RouteHint(scopes=(ref,))
         return RouteHint(if_known=(ref,))
