@@ -41,7 +41,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 PG_ADMIN_URL = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")
 SIM_TOKEN = "polar_oat_bench"
-WEBHOOK_SECRET = "whsec_bench_" + "b" * 32
+WEBHOOK_SECRET = "whsec_bench_" + "b" * 32  # a legacy-generation secret (not base64)
 PYTHON = sys.executable
 SEATS_PATH = "/v1/customer-seats"
 
@@ -211,7 +211,7 @@ def signed_headers(webhook_id: str, body: bytes, secret: str = WEBHOOK_SECRET) -
     return {
         "webhook-id": webhook_id,
         "webhook-timestamp": str(timestamp),
-        "webhook-signature": sign(secret, webhook_id, timestamp, body),
+        "webhook-signature": sign(secret, "legacy", webhook_id, timestamp, body),
         "content-type": "application/json",
     }
 
