@@ -1,4 +1,4 @@
-"""Reconcile against a real database: the rules of REFERENCE.md's seat lifecycle."""
+"""Reconcile against a real database: Polar's seat lifecycle (slots reused, revoke nulls)."""
 
 from __future__ import annotations
 
