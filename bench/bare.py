@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from worker.webhooks import WEBHOOK_PATH, uvicorn_config
+from worker.intake.receiver import WEBHOOK_PATH, uvicorn_config
 
 
 async def accept(request: Request) -> JSONResponse:

@@ -31,8 +31,8 @@ import redis.asyncio as aioredis
 from sqlalchemy import text
 
 from worker.config import Settings
-from worker.db import create_engine
-from worker.migrate import upgrade
+from worker.platform.db import create_engine
+from worker.platform.migrate import upgrade
 from worker.simulator.state import SimState, iso
 from worker.simulator.webhooks import sign
 

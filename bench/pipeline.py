@@ -41,10 +41,11 @@ from bench.common import (
     stop,
     wait_port,
 )
-from worker import logs, queue
-from worker.db import create_engine
-from worker.jobs import build_worker
+from worker import queue
 from worker.models import Seat
+from worker.platform import logs
+from worker.platform.db import create_engine
+from worker.schedule.jobs import build_worker
 from worker.simulator.server import SimulatedPolar
 from worker.simulator.state import Event
 from worker.simulator.webhooks import envelope_bytes

@@ -25,11 +25,11 @@ from bench.common import (
     report,
     seed_scopes,
 )
-from worker import logs
-from worker.budget import LANE_RESERVE
-from worker.resync import resync_all
-from worker.services import Services
+from worker.platform import logs
+from worker.polar.budget import LANE_RESERVE
+from worker.resources import Services
 from worker.simulator.server import SimulatedPolar
+from worker.sync.resync import resync_all
 
 
 async def main(args: argparse.Namespace) -> None:

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from bench.reconcile import make_lists
-from worker.db import create_engine, session_factory, transaction
-from worker.migrate import upgrade
-from worker.polar import SeatsList
-from worker.reconcile import reconcile_scope
+from worker.platform.db import create_engine, session_factory, transaction
+from worker.platform.migrate import upgrade
+from worker.polar.client import SeatsList
+from worker.sync.reconcile import reconcile_scope
 
 pytest.importorskip("pytest_benchmark")
 

@@ -23,7 +23,6 @@ from sqlalchemy import select
 from sqlmodel import col
 
 from worker import queue
-from worker.db import create_engine, session_factory
 from worker.models import (
     Seat,
     SeatChange,
@@ -32,9 +31,10 @@ from worker.models import (
     WebhookDeliveryScope,
     seat_json,
 )
-from worker.polar import CustomerSeat
+from worker.platform.db import create_engine, session_factory
+from worker.polar.client import CustomerSeat
 from worker.simulator.server import SimulatedPolar
-from worker.simulator.state import SimError
+from worker.simulator.state import SimulatorError
 
 SEATS_PATH = "/v1/customer-seats"
 STATUSES = frozenset({"pending", "claimed", "revoked"})
@@ -180,7 +180,7 @@ class Storm:
             action = self.rng.choices(actions, weights)[0]
             try:
                 outcome = action()
-            except SimError as exc:
+            except SimulatorError as exc:
                 outcome = f"refused {exc.error}"
             self.log.append(f"{number:3d} {action.__name__}: {outcome}")
             self.counts[action.__name__] = self.counts.get(action.__name__, 0) + 1

@@ -16,9 +16,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from worker.config import Settings
-from worker.jobs import build_worker
-from worker.migrate import upgrade
-from worker.services import Services
+from worker.platform.migrate import upgrade
+from worker.resources import Services
+from worker.schedule.jobs import build_worker
 
 if TYPE_CHECKING:
     from worker.simulator.server import SimulatedPolar

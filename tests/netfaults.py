@@ -13,7 +13,7 @@ import time
 
 import redis.asyncio as aioredis
 
-from worker.embedded import redis_binary
+from worker.platform.redis import redis_binary
 
 
 def free_port() -> int:

@@ -24,7 +24,6 @@ from sqlalchemy import func, select, text
 from sqlmodel import col
 
 from tests.conftest import SIM_TOKEN, WEBHOOK_SECRET
-from worker.db import create_engine, session_factory
 from worker.models import (
     Seat,
     SeatChange,
@@ -34,7 +33,8 @@ from worker.models import (
     seat_json,
     utcnow,
 )
-from worker.polar import CustomerSeat
+from worker.platform.db import create_engine, session_factory
+from worker.polar.client import CustomerSeat
 from worker.simulator.server import SimulatedPolar
 
 SEAT_SYNC = str(Path(sys.executable).with_name("seat-sync"))

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 from arq.connections import ArqRedis, create_pool
 
-from worker.budget import RedisBudget
+from worker.polar.budget import RedisBudget
 from worker.queue import redis_settings
 
 

@@ -34,15 +34,17 @@ from tests.chaos_driver import (
     wait_until_drained,
 )
 from tests.conftest import SIM_TOKEN, make_settings, run_worker_until_idle
-from worker import inbox, resync, sync
 from worker.config import Settings
-from worker.jobs import build_worker
+from worker.intake import inbox
+from worker.intake.receiver import running
 from worker.models import SeatChange, utcnow
-from worker.polar import Lane, SeatsList
-from worker.services import Services
+from worker.polar.client import Lane, SeatsList
+from worker.resources import Services
+from worker.schedule.jobs import build_worker
 from worker.simulator.server import SimulatedPolar
 from worker.simulator.webhooks import DeliveryChaos
-from worker.webhooks import running
+from worker.sync import resync
+from worker.sync import scope as sync
 
 
 def chaos_seeds(spec: str) -> list[int]:

@@ -8,8 +8,8 @@ from sqlalchemy import update
 from sqlmodel import col
 
 from tests.test_cli import env_for, seat_sync
-from worker.db import create_engine, session_factory, transaction
 from worker.models import Seat
+from worker.platform.db import create_engine, session_factory, transaction
 from worker.simulator.server import SimulatedPolar
 
 HOUR = 3600.0

@@ -17,11 +17,11 @@ from sqlmodel import col
 
 from worker import queue
 from worker.config import Settings
-from worker.db import create_engine, session_factory
-from worker.jobs import build_worker
+from worker.intake.receiver import running
 from worker.models import Seat, WebhookDelivery, WebhookDeliveryScope
+from worker.platform.db import create_engine, session_factory
+from worker.schedule.jobs import build_worker
 from worker.simulator.server import SimulatedPolar
-from worker.webhooks import running
 
 SEATS_PATH = "/v1/customer-seats"
 

@@ -30,10 +30,10 @@ from tests.processes import (
 )
 from tests.support.polar_signing import polar_signature_header
 from worker.models import InvitationReminder, SyncRun, WebhookDelivery
-from worker.services import Services
+from worker.resources import Services
 from worker.simulator.server import SimulatedPolar
 from worker.simulator.webhooks import DeliveryChaos, envelope_bytes
-from worker.sync import sync_scope
+from worker.sync.scope import sync_scope
 
 HOUR = 3600.0
 SCOPES = 60 if LONG else 30

@@ -37,6 +37,7 @@ from tests.processes import (
 from tests.support.polar_signing import polar_headers
 from worker import queue
 from worker.config import Settings
+from worker.intake.receiver import running
 from worker.models import (
     InvitationReminder,
     InvitationRenewal,
@@ -48,12 +49,11 @@ from worker.models import (
     WebhookDeliveryScope,
 )
 from worker.queue import REMIND_GATE_KEY
-from worker.resync import LOCK_KEY
-from worker.services import Services
+from worker.resources import Services
 from worker.simulator.server import SimulatedPolar
 from worker.simulator.webhooks import envelope_bytes
-from worker.sync import sync_scope
-from worker.webhooks import running
+from worker.sync.resync import LOCK_KEY
+from worker.sync.scope import sync_scope
 
 HOUR = 3600.0
 SEATS_PATH = "/v1/customer-seats"

@@ -40,19 +40,19 @@ from typer.testing import CliRunner
 from tests.conftest import SIM_TOKEN, WEBHOOK_SECRET, make_settings, run_worker_until_idle
 from tests.netfaults import free_port
 from tests.test_cli import SEAT_SYNC, env_for, seat_sync
-from worker import logs
 from worker.config import ConfigError, Settings, load_settings
-from worker.db import create_engine, redacted, session_factory
+from worker.intake.receiver import MAX_BODY_BYTES, create_app, running
 from worker.models import WebhookDelivery
+from worker.platform import logs
+from worker.platform.db import create_engine, redacted, session_factory
 from worker.simulator.server import SimulatedPolar
-from worker.webhooks import MAX_BODY_BYTES, create_app, running
 
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "120"))
 ANSWERS = {200, 202, 400, 403, 413}  # with the database up: never 5xx
 
 
 def oracle_signature(secret: str, webhook_id: str, timestamp: str, body: bytes) -> str:
-    """Polar's scheme, written out independently of worker.webhooks.sign."""
+    """Polar's scheme, written out independently of worker.intake.receiver.sign."""
     mac = hmac.new(secret.encode(), f"{webhook_id}.{timestamp}.".encode() + body, hashlib.sha256)
     return base64.b64encode(mac.digest()).decode()
 
@@ -578,12 +578,12 @@ def test_query_commands_open_the_database_read_only(
     monkeypatch: pytest.MonkeyPatch, database_url: str, command: list[str]
 ) -> None:
     """Every engine a query command creates is read-only, and it runs no write."""
-    import worker.db
-    from worker.cli import app
+    import worker.platform.db
+    from worker.cli.app import app
 
     opened: list[bool] = []
     statements: list[str] = []
-    real = worker.db.create_engine
+    real = worker.platform.db.create_engine
 
     def spying(url: str, *, read_only: bool = False, **kwargs: Any) -> Any:
         opened.append(read_only)
@@ -597,7 +597,7 @@ def test_query_commands_open_the_database_read_only(
 
         return engine
 
-    monkeypatch.setattr("worker.services.create_engine", spying)
+    monkeypatch.setattr("worker.resources.create_engine", spying)
     env = {"DATABASE_URL": database_url, "POLAR_ACCESS_TOKEN": SIM_TOKEN, "LOG_FORMAT": "json"}
     for name in list(os.environ):
         if name.startswith(("POLAR_", "DATABASE_", "REDIS_")):

@@ -16,11 +16,11 @@ from sqlmodel import col
 
 from worker import queue
 from worker.config import Settings
-from worker.db import create_engine, session_factory, transaction
-from worker.inbox import mark_scope_synced, record_delivery, sweep_inbox
-from worker.jobs import build_worker
+from worker.intake.inbox import mark_scope_synced, record_delivery, sweep_inbox
+from worker.intake.routing import RouteHint, ScopeRef, hint_for, route
 from worker.models import Seat, SeatScope, WebhookDelivery, WebhookDeliveryScope, utcnow
-from worker.routing import RouteHint, ScopeRef, hint_for, route
+from worker.platform.db import create_engine, session_factory, transaction
+from worker.schedule.jobs import build_worker
 
 SUB = ScopeRef("subscription", "sub-1")
 ORDER = ScopeRef("order", "ord-1")

@@ -11,11 +11,11 @@ import pytest
 from sqlalchemy import select
 
 from tests.conftest import SIM_TOKEN, make_settings
-from worker import invitations
 from worker.models import InvitationReminder, InvitationRenewal
-from worker.services import Services
+from worker.resources import Services
+from worker.schedule import invitations
 from worker.simulator.server import SimulatedPolar
-from worker.sync import sync_scope
+from worker.sync.scope import sync_scope
 
 HOUR = 3600.0
 

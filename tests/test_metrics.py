@@ -13,12 +13,12 @@ from sqlalchemy import text
 
 from tests.conftest import SIM_TOKEN, WEBHOOK_SECRET, run_worker_until_idle
 from tests.test_webhooks import envelope, signed_headers
-from worker import logs
 from worker.config import Settings
-from worker.db import create_engine
-from worker.jobs import build_worker
+from worker.intake.receiver import running
+from worker.platform import logs
+from worker.platform.db import create_engine
+from worker.schedule.jobs import build_worker
 from worker.simulator.server import SimulatedPolar
-from worker.webhooks import running
 
 
 def samples(text_body: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

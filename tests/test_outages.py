@@ -31,11 +31,11 @@ from tests.netfaults import CuttableProxy, PrivateRedis
 from tests.test_coalescing import inbox_counts, mirror_view, polar_view, secret_of
 from worker import queue
 from worker.config import Settings
-from worker.db import create_engine, session_factory
-from worker.jobs import build_worker
+from worker.intake.receiver import running
 from worker.models import WebhookDelivery
+from worker.platform.db import create_engine, session_factory
+from worker.schedule.jobs import build_worker
 from worker.simulator.server import SimulatedPolar
-from worker.webhooks import running
 
 OUTAGE_SECONDS = float(os.environ.get("OUTAGE_SECONDS", "3"))
 POLAR_OUTAGE_SECONDS = float(os.environ.get("POLAR_OUTAGE_SECONDS", OUTAGE_SECONDS))
@@ -359,7 +359,7 @@ async def test_worker_process_loop_survives_redis_loss(
 ) -> None:
     """`seat-sync worker`'s loop rebuilds the arq worker once Redis is back; without it the
     process would exit and wait on its supervisor's restart backoff."""
-    from worker.cli import _keep_worker_running
+    from worker.cli.app import _keep_worker_running
 
     redis = PrivateRedis()
     await redis.start()

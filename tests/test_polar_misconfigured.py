@@ -19,11 +19,11 @@ from tests.conftest import SIM_TOKEN, make_settings, run_worker_until_idle
 from tests.test_cli import env_for, seat_sync
 from worker import queue
 from worker.models import Seat, SeatScope, SyncRun
-from worker.polar import NotFound, PolarClient, PolarMisconfigured
-from worker.resync import resync_all
-from worker.services import Services
+from worker.polar.client import NotFoundError, PolarClient, PolarMisconfiguredError
+from worker.resources import Services
 from worker.simulator.server import SimulatedPolar
-from worker.sync import sync_scope
+from worker.sync.resync import resync_all
+from worker.sync.scope import sync_scope
 
 HINT = "check POLAR_API_URL and POLAR_API_VERSION"
 # What Polar's router answers for a path it has no route for, or an unknown Polar-Version;
@@ -76,7 +76,7 @@ async def test_wrong_base_url_keeps_the_scope_and_its_seats(
     await sync_scope(services, kind="subscription", scope_id=sub_id)
     before = await snapshot(services)
 
-    with pytest.raises(PolarMisconfigured) as info:
+    with pytest.raises(PolarMisconfiguredError) as info:
         await sync_scope(wrong_url, kind="subscription", scope_id=sub_id)
 
     assert await snapshot(services) == before
@@ -99,7 +99,7 @@ async def test_any_404_without_an_error_code_is_a_misconfiguration(
     await sync_scope(services, kind="subscription", scope_id=sub_id)
     sim.add_fault("/v1/customer-seats", status=404, body=body, times=1)
 
-    with pytest.raises(PolarMisconfigured, match=HINT):
+    with pytest.raises(PolarMisconfiguredError, match=HINT):
         await sync_scope(services, kind="subscription", scope_id=sub_id)
 
     scope = await scope_row(services, "subscription", sub_id)
@@ -115,7 +115,7 @@ async def test_unknown_api_version_is_a_misconfiguration(
     # Settings refuse versions this program has not checked; a retired one looks like this.
     retired = PolarClient(sim.base_url, SecretStr(SIM_TOKEN), api_version="2025-01")
     try:
-        with pytest.raises(PolarMisconfigured, match="Polar-Version 2025-01") as info:
+        with pytest.raises(PolarMisconfiguredError, match="Polar-Version 2025-01") as info:
             await sync_scope(
                 dataclasses.replace(services, polar=retired), kind="subscription", scope_id=sub_id
             )
@@ -134,7 +134,7 @@ async def test_polar_saying_resource_not_found_still_marks_the_scope_gone(
     sim.state.subscriptions.pop(sub_id)
     sim.state._containers.pop(sub_id)  # Polar no longer knows it
 
-    with pytest.raises(NotFound) as info:
+    with pytest.raises(NotFoundError) as info:
         await services.require_polar().list_seats(subscription_id=sub_id)
     assert info.value.error == "ResourceNotFound"
     outcome = await sync_scope(services, kind="subscription", scope_id=sub_id)
@@ -151,7 +151,7 @@ async def test_metric_counts_each_misconfigured_answer(
     sub_id = populated(sim)
     before = misconfigured_total()
     for _ in range(2):
-        with pytest.raises(PolarMisconfigured):
+        with pytest.raises(PolarMisconfiguredError):
             await sync_scope(wrong_url, kind="subscription", scope_id=sub_id)
     assert misconfigured_total() - before == 2
 
@@ -184,7 +184,7 @@ async def test_full_resync_stops_without_marking_anything_gone(
     before = await snapshot(services)
     sim.add_fault("/v1/customer-seats", status=404, body={"detail": "Not Found"}, times=None)
 
-    with pytest.raises(PolarMisconfigured, match=HINT):
+    with pytest.raises(PolarMisconfiguredError, match=HINT):
         await resync_all(services, trigger="cli", force=True)
 
     # Each lane stops at its first failure instead of walking (and failing) every scope.
@@ -216,7 +216,7 @@ async def test_full_resync_against_a_wrong_url_stops_at_discovery(
     sub_id = populated(sim)
     await sync_scope(services, kind="subscription", scope_id=sub_id)
 
-    with pytest.raises(PolarMisconfigured, match="/wrong/v1/subscriptions/"):
+    with pytest.raises(PolarMisconfiguredError, match="/wrong/v1/subscriptions/"):
         await resync_all(wrong_url, trigger="cli", force=True)
 
     scope = await scope_row(services, "subscription", sub_id)
@@ -284,7 +284,7 @@ async def test_the_configured_api_version_is_sent(
     services = await Services.start(settings, redis_url=redis_url)
     try:
         # The message names the request as it left, Polar-Version header included.
-        with pytest.raises(PolarMisconfigured, match=r"\(Polar-Version 2026-04\)"):
+        with pytest.raises(PolarMisconfiguredError, match=r"\(Polar-Version 2026-04\)"):
             await services.require_polar().list_seats(subscription_id=populated(sim))
     finally:
         await services.close()

@@ -15,8 +15,8 @@ from sqlalchemy import select
 from sqlmodel import col
 
 from tests.conftest import SIM_TOKEN, WEBHOOK_SECRET
-from worker.db import create_engine, session_factory
 from worker.models import Seat
+from worker.platform.db import create_engine, session_factory
 from worker.simulator.server import SimulatedPolar
 
 ROOT = Path(__file__).resolve().parent.parent

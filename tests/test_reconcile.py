@@ -13,10 +13,10 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
 
-from worker.db import create_engine, retry_transaction, session_factory
 from worker.models import Seat, SeatChange, SeatScope, seat_json
-from worker.polar import CustomerSeat, SeatsList
-from worker.reconcile import ReconcileResult, reconcile_scope
+from worker.platform.db import create_engine, retry_transaction, session_factory
+from worker.polar.client import CustomerSeat, SeatsList
+from worker.sync.reconcile import ReconcileResult, reconcile_scope
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 SUB = str(uuid.uuid4())

@@ -13,11 +13,11 @@ from sqlmodel import col
 
 from tests.conftest import SIM_TOKEN, make_settings
 from worker.models import Seat, SeatScope, SyncRun, seat_json, utcnow
-from worker.polar import CustomerSeat
-from worker.resync import PassBusy, _sync_item, resync_all
-from worker.services import Services
+from worker.polar.client import CustomerSeat
+from worker.resources import Services
 from worker.simulator.server import SimulatedPolar
-from worker.sync import sync_scope
+from worker.sync.resync import PassBusyError, _sync_item, resync_all
+from worker.sync.scope import sync_scope
 
 SUBSCRIPTIONS = 260
 ORDERS = 15
@@ -238,7 +238,7 @@ async def test_only_one_pass_runs_across_the_fleet(
             resync_all(a, force=True, progress=lambda done, total: started.set())
         )
         await started.wait()
-        with pytest.raises(PassBusy):
+        with pytest.raises(PassBusyError):
             await resync_all(b, force=True)
         assert await task is not None
     finally:

@@ -17,11 +17,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlmodel import col
 
 from tests.conftest import SIM_TOKEN, make_settings, run_worker_until_idle
-from worker.db import create_engine, session_factory, transaction
+from worker.intake.receiver import running
+from worker.intake.routing import RouteHint, ScopeRef, hint_for, route
 from worker.models import Seat, SyncRun, WebhookDelivery, utcnow
-from worker.routing import RouteHint, ScopeRef, hint_for, route
+from worker.platform.db import create_engine, session_factory, transaction
 from worker.simulator.server import SimulatedPolar
-from worker.webhooks import running
 
 TEAM = ScopeRef("subscription", "sub-team")
 SOLO = ScopeRef("subscription", "sub-solo")

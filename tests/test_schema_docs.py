@@ -27,8 +27,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import SQLModel
 
 from worker.config import Settings
-from worker.db import create_engine, is_sqlite
 from worker.models import InvitationReminder, Seat, SeatChange, UTCDateTime
+from worker.platform.db import create_engine, is_sqlite
 
 DOC_PATH = Path(__file__).resolve().parent.parent / "docs" / "schema.md"
 DOC = DOC_PATH.read_text(encoding="utf-8")

@@ -54,9 +54,9 @@ from tests.test_webhooks import (
     VECTOR_TIMESTAMP,
 )
 from worker.config import Settings
-from worker.db import create_engine, session_factory
+from worker.intake.receiver import WEBHOOK_PATH, create_app
 from worker.models import WebhookDelivery
-from worker.webhooks import WEBHOOK_PATH, create_app
+from worker.platform.db import create_engine, session_factory
 
 EXAMPLES = 100
 TOLERANCE = 300

@@ -20,7 +20,7 @@ from polar.v2026_10.webhooks import validate_event
 from tests.support.polar_sdk_oracle import WebhookCapture
 from tests.support.polar_signing import polar_signature_header
 from worker.simulator.server import SimulatedPolar
-from worker.simulator.state import SimError, SimState
+from worker.simulator.state import SimState, SimulatorError
 from worker.simulator.webhooks import WebhookSender, new_webhook_secret, sign
 
 VECTOR_SECRET = "whsec_ovyN6cPrTv56AApvzCaJno08SSmGJmgbWilb33N2JuK"
@@ -436,7 +436,7 @@ async def test_resend_without_any_address_is_invalid_invitation_token(sim: Simul
     seat = sim.state.assign(subscription_id=sub["id"], email="a@x.io")
     sim.state.seats[seat["id"]].update(email=None, customer_email=None)
 
-    with pytest.raises(SimError, match="InvalidInvitationToken"):
+    with pytest.raises(SimulatorError, match="InvalidInvitationToken"):
         sim.state.resend(seat["id"])
 
 

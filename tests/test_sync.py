@@ -13,10 +13,10 @@ from sqlmodel import col
 from tests.conftest import make_settings, run_worker_until_idle
 from worker import queue
 from worker.models import Seat, SeatChange, SeatScope, SyncRun, seat_json
-from worker.polar import AuthError, CustomerSeat, TransientError
-from worker.services import Services
+from worker.polar.client import AuthError, CustomerSeat, TransientError
+from worker.resources import Services
 from worker.simulator.server import SimulatedPolar
-from worker.sync import sync_scope
+from worker.sync.scope import sync_scope
 
 
 def normalised(seat: dict[str, Any]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import structlog
 import structlog.testing
 from sqlalchemy import func, select
 
-import worker.webhooks
+import worker.intake.receiver
 from tests.support.polar_signing import (
     GENERATIONS,
     Generation,
@@ -28,16 +28,16 @@ from tests.support.polar_signing import (
 )
 from worker import queue
 from worker.config import Settings
-from worker.db import create_engine, session_factory
-from worker.models import WebhookDelivery, WebhookDeliveryScope
-from worker.webhooks import (
+from worker.intake.receiver import (
     MAX_BODY_BYTES,
-    SignatureRejected,
+    SignatureRejectedError,
     running,
     serve,
     signing_keys,
     verify_signature,
 )
+from worker.models import WebhookDelivery, WebhookDeliveryScope
+from worker.platform.db import create_engine, session_factory
 
 # Polar's published test vector, signed with the legacy key (the whole secret's bytes).
 VECTOR_SECRET = "whsec_ovyN6cPrTv56AApvzCaJno08SSmGJmgbWilb33N2JuK"
@@ -266,7 +266,7 @@ def test_verification_rejects(generation: Generation, change: dict[str, Any], re
         header = header.replace("v1,", "v2,")
     checked = new_secret(generation) if change.get("secret") else secret
     message = {k: v for k, v in change.items() if k in ("body", "webhook_id", "timestamp")}
-    with pytest.raises(SignatureRejected) as raised:
+    with pytest.raises(SignatureRejectedError) as raised:
         verify(
             checked,
             signature_header=header,
@@ -323,7 +323,7 @@ async def test_signing_keys_are_derived_once_per_process_not_per_request(
         derived.append(1)
         return signing_keys(secret)
 
-    monkeypatch.setattr(worker.webhooks, "signing_keys", counting)
+    monkeypatch.setattr(worker.intake.receiver, "signing_keys", counting)
     async with running(receiver_settings, redis_url=redis_url) as hook_url:
         for generation in (*GENERATIONS, *GENERATIONS):
             body = seat_event()

@@ -1,6 +1,6 @@
 """The mirror's tables: the public, documented schema people and programs query.
 
-Every change to these classes goes through an Alembic migration in worker/migrations.
+Every change to these classes goes through an Alembic migration in worker/platform/migrations.
 """
 
 from __future__ import annotations

@@ -27,9 +27,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from worker.simulator.state import (
     JSON,
     LIST_LIMIT_DEFAULT,
-    SimError,
     SimState,
-    SimValidationError,
+    SimulatorError,
+    SimulatorValidationError,
 )
 from worker.simulator.versions import API_VERSIONS, DEFAULT_API_VERSION, check_api_version, render
 
@@ -490,7 +490,7 @@ def _parse_id(value: str, name: str) -> str:
     try:
         return str(uuid.UUID(value))
     except ValueError:
-        raise SimValidationError(
+        raise SimulatorValidationError(
             [
                 {
                     "type": "uuid_parsing",
@@ -510,7 +510,7 @@ async def _json_body(request: Request) -> Any:
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SimValidationError(
+        raise SimulatorValidationError(
             [
                 {
                     "type": "json_invalid",
@@ -526,7 +526,7 @@ async def _json_body(request: Request) -> Any:
 # ---------------------------------------------------------------------- auth
 
 
-class _Rejected(Exception):
+class _RejectedError(Exception):
     def __init__(self, response: Response) -> None:
         super().__init__(response.status_code)
         self.response = response
@@ -537,10 +537,10 @@ def _authorize(runtime: ApiRuntime, request: Request, accepted: frozenset[str]) 
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise _Rejected(JSONResponse({"error": "Unauthorized", "detail": "Unauthorized"}, 401))
+        raise _RejectedError(JSONResponse({"error": "Unauthorized", "detail": "Unauthorized"}, 401))
     scopes = runtime.tokens.get(token.strip())
     if scopes is None:
-        raise _Rejected(
+        raise _RejectedError(
             JSONResponse(
                 {"error": "invalid_token", "error_description": INVALID_TOKEN_DESCRIPTION},
                 401,
@@ -552,7 +552,7 @@ def _authorize(runtime: ApiRuntime, request: Request, accepted: frozenset[str]) 
         )
     if not scopes & accepted:
         wanted = " ".join(sorted(accepted))
-        raise _Rejected(
+        raise _RejectedError(
             JSONResponse(
                 {
                     "error": "insufficient_scope",
@@ -578,9 +578,9 @@ def _endpoint(
             if scopes is not None:
                 _authorize(runtime, request, scopes)
             result = await handler(request)
-        except _Rejected as rejected:
+        except _RejectedError as rejected:
             return rejected.response
-        except SimError as error:
+        except SimulatorError as error:
             return JSONResponse(error.body(), error.status_code)
         if isinstance(result, Response):
             return result
@@ -603,7 +603,7 @@ def v1_routes(state: SimState, runtime: ApiRuntime) -> list[BaseRoute]:
         try:
             query = SeatListQuery.model_validate(dict(request.query_params))
         except ValidationError as exc:
-            raise SimValidationError(_validation_errors(exc, "query")) from None
+            raise SimulatorValidationError(_validation_errors(exc, "query")) from None
         state_query = {
             "subscription_id": str(query.subscription_id) if query.subscription_id else None,
             "order_id": str(query.order_id) if query.order_id else None,
@@ -625,9 +625,9 @@ def v1_routes(state: SimState, runtime: ApiRuntime) -> list[BaseRoute]:
         try:
             body = SeatAssignBody.model_validate(await _json_body(request))
         except ValidationError as exc:
-            raise SimValidationError(_validation_errors(exc, "body")) from None
+            raise SimulatorValidationError(_validation_errors(exc, "body")) from None
         if body.checkout_id is not None:
-            raise SimError(404, "ResourceNotFound", "Checkout not found")
+            raise SimulatorError(404, "ResourceNotFound", "Checkout not found")
 
         def text(value: uuid.UUID | None) -> str | None:
             return str(value) if value is not None else None
@@ -657,7 +657,7 @@ def v1_routes(state: SimState, runtime: ApiRuntime) -> list[BaseRoute]:
         try:
             body = ClaimBody.model_validate(await _json_body(request))
         except ValidationError as exc:
-            raise SimValidationError(_validation_errors(exc, "body")) from None
+            raise SimulatorValidationError(_validation_errors(exc, "body")) from None
         seat = state.claim_by_token(body.invitation_token)
         return {"seat": seat, "customer_session_token": "polar_cst_" + uuid.uuid4().hex}
 
@@ -667,7 +667,7 @@ def v1_routes(state: SimState, runtime: ApiRuntime) -> list[BaseRoute]:
                 {k: v for k, v in request.query_params.items() if k in {"page", "limit"}}
             )
         except ValidationError as exc:
-            raise SimValidationError(_validation_errors(exc, "query")) from None
+            raise SimulatorValidationError(_validation_errors(exc, "query")) from None
         return query.page, query.limit, request.query_params.getlist("sorting") or None
 
     async def list_subscriptions(request: Request) -> JSON:

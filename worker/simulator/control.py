@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from worker.simulator.app import ApiRuntime
-from worker.simulator.state import JSON, SimError, SimState
+from worker.simulator.state import JSON, SimState, SimulatorError
 from worker.simulator.webhooks import WebhookSender
 
 LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost", "testclient"})
@@ -32,7 +32,7 @@ def _wrap(action: Action) -> Callable[[Request], Awaitable[Response]]:
         try:
             body = _loads(raw) if raw else {}
             result = await action(request, body)
-        except SimError as error:
+        except SimulatorError as error:
             return JSONResponse(error.body(), error.status_code)
         except (KeyError, TypeError, ValueError) as exc:
             return JSONResponse({"error": "BadRequest", "detail": str(exc)}, 400)
@@ -104,7 +104,7 @@ def control_routes(state: SimState, runtime: ApiRuntime, sender: WebhookSender) 
             "order": state.create_subscription_order,
         }
         if action not in actions:
-            raise SimError(404, "ResourceNotFound", f"Unknown action {action}")
+            raise SimulatorError(404, "ResourceNotFound", f"Unknown action {action}")
         return actions[action](sub_id)
 
     async def member_email(request: Request, body: JSON) -> JSON:

@@ -94,7 +94,7 @@ ORDER_SORT_FIELDS = frozenset(
 )
 
 
-class SimError(Exception):
+class SimulatorError(Exception):
     """A Polar API error: HTTP status, Polar's exception class name, and its message."""
 
     def __init__(self, status_code: int, error: str, detail: str) -> None:
@@ -107,7 +107,7 @@ class SimError(Exception):
         return {"error": self.error, "detail": self.detail}
 
 
-class SimValidationError(SimError):
+class SimulatorValidationError(SimulatorError):
     """A request-validation failure, answered as 422 `RequestValidationError`."""
 
     def __init__(self, errors: list[JSON]) -> None:
@@ -610,12 +610,12 @@ class SimState:
     def _get_container(self, container_id: str) -> _Container:
         container = self._containers.get(container_id)
         if container is None:
-            raise SimError(404, "ResourceNotFound", "Not found")
+            raise SimulatorError(404, "ResourceNotFound", "Not found")
         return container
 
     def _require_feature(self) -> None:
         if not self.seat_feature_enabled:
-            raise SimError(
+            raise SimulatorError(
                 403, "FeatureNotEnabled", "Seat-based pricing is not enabled for this organization"
             )
 
@@ -624,7 +624,7 @@ class SimState:
     def _seat(self, seat_id: str) -> JSON:
         seat = self.seats.get(seat_id)
         if seat is None:
-            raise SimError(404, "ResourceNotFound", "Seat not found")
+            raise SimulatorError(404, "ResourceNotFound", "Seat not found")
         return seat
 
     def get_seat(self, seat_id: str) -> JSON:
@@ -656,7 +656,7 @@ class SimState:
         if member_id is not None:
             member = self.members.get(member_id)
             if member is None or member["customer_id"] != billing_customer_id:
-                raise SimError(404, "MemberNotFound", f"Member not found: {member_id}")
+                raise SimulatorError(404, "MemberNotFound", f"Member not found: {member_id}")
             return member
         if external_member_id is not None:
             for member in self.members.values():
@@ -665,14 +665,16 @@ class SimState:
                     and member["external_id"] == external_member_id
                 ):
                     if email is not None and member["email"] != email:
-                        raise SimError(
+                        raise SimulatorError(
                             400,
                             "MemberEmailMismatch",
                             f"Member {external_member_id} has a different email",
                         )
                     return member
             if email is None:
-                raise SimError(404, "MemberNotFound", f"Member not found: {external_member_id}")
+                raise SimulatorError(
+                    404, "MemberNotFound", f"Member not found: {external_member_id}"
+                )
             return self._create_member(billing_customer_id, email, external_id=external_member_id)
         if customer_id is not None or external_customer_id is not None:
             found = next(
@@ -688,7 +690,7 @@ class SimState:
                 None,
             )
             if found is None:
-                raise SimError(
+                raise SimulatorError(
                     404,
                     "CustomerNotFound",
                     f"Customer not found: {external_customer_id or customer_id}",
@@ -710,7 +712,7 @@ class SimState:
                 ):
                     return customer
             shown = external_customer_id or customer_id
-            raise SimError(404, "CustomerNotFound", f"Customer not found: {shown}")
+            raise SimulatorError(404, "CustomerNotFound", f"Customer not found: {shown}")
         assert email is not None
         return self._customer(email, customer_type="individual")
 
@@ -729,7 +731,7 @@ class SimState:
     ) -> JSON:
         """Assign a seat like `POST /v1/customer-seats`."""
         if (subscription_id is None) == (order_id is None):
-            raise SimValidationError(
+            raise SimulatorValidationError(
                 [
                     {
                         "type": "value_error",
@@ -745,12 +747,12 @@ class SimState:
             )
         metadata_errors = _metadata_errors(metadata)
         if metadata_errors:
-            raise SimValidationError(metadata_errors)
+            raise SimulatorValidationError(metadata_errors)
         identifiers = [email, member_id, external_member_id, customer_id, external_customer_id]
         given = sum(1 for value in identifiers if value is not None)
         email_with_external_member = given == 2 and email is not None and external_member_id
         if given != 1 and not email_with_external_member:
-            raise SimError(
+            raise SimulatorError(
                 400,
                 "InvalidSeatAssignmentRequest",
                 "Exactly one of email, external_customer_id, or customer_id must be provided",
@@ -759,13 +761,15 @@ class SimState:
         assert container_id is not None
         container = self._containers.get(container_id)
         if container is None or container.kind != ("subscription" if subscription_id else "order"):
-            raise SimError(404, "ResourceNotFound", "Not found")
+            raise SimulatorError(404, "ResourceNotFound", "Not found")
         self._require_feature()
         container_json = self._container_json(container)
         if container.kind == "order" and container_json["status"] == "pending":
-            raise SimError(400, "SeatNotAvailable", "Order must be paid before assigning seats")
+            raise SimulatorError(
+                400, "SeatNotAvailable", "Order must be paid before assigning seats"
+            )
         if self._total_seats(container) - self._occupied(container) <= 0:
-            raise SimError(400, "SeatNotAvailable", f"No available seats for {container_id}")
+            raise SimulatorError(400, "SeatNotAvailable", f"No available seats for {container_id}")
         member: JSON | None = None
         if self.member_model_enabled:
             # The seat points at the billing customer and holds a member of it.
@@ -782,7 +786,7 @@ class SimState:
             shown = email or member["email"]
         else:
             if member_id is not None or external_member_id is not None:
-                raise SimError(
+                raise SimulatorError(
                     400,
                     "InvalidSeatAssignmentRequest",
                     "Exactly one of email, external_customer_id, or customer_id must be provided",
@@ -797,7 +801,9 @@ class SimState:
             same and self.seats[sid]["status"] != "revoked"
             for sid, same in zip(container.seat_ids, taken, strict=True)
         ):
-            raise SimError(400, "SeatAlreadyAssigned", f"Seat already assigned to customer {shown}")
+            raise SimulatorError(
+                400, "SeatAlreadyAssigned", f"Seat already assigned to customer {shown}"
+            )
 
         now = self.now()
         revoked = [sid for sid in container.seat_ids if self.seats[sid]["status"] == "revoked"]
@@ -865,7 +871,7 @@ class SimState:
         """`GET /v1/customer-seats/claim/{token}`: read-only, safe for e-mail scanners."""
         seat = self._seat_by_token(token)
         if seat is None or not self._claimable(seat):
-            raise SimError(404, "ResourceNotFound", "Invalid or expired invitation token")
+            raise SimulatorError(404, "ResourceNotFound", "Invalid or expired invitation token")
         self._require_feature()
         container = self._containers[seat["subscription_id"] or seat["order_id"]]
         product = self._container_json(container)["product"]
@@ -882,7 +888,9 @@ class SimState:
         """`POST /v1/customer-seats/claim`: the invitee accepts; the token is single-use."""
         seat = self._seat_by_token(token)
         if seat is None or not self._claimable(seat):
-            raise SimError(400, "InvalidInvitationToken", "Invalid or expired invitation token")
+            raise SimulatorError(
+                400, "InvalidInvitationToken", "Invalid or expired invitation token"
+            )
         self._require_feature()
         now = iso(self.now())
         seat.update({"status": "claimed", "claimed_at": now, "modified_at": now})
@@ -894,7 +902,9 @@ class SimState:
         """The invitee of `seat_id` claims with the token from their e-mail."""
         token = self._tokens.get(self._seat(seat_id)["id"])
         if token is None:
-            raise SimError(400, "InvalidInvitationToken", "Invalid or expired invitation token")
+            raise SimulatorError(
+                400, "InvalidInvitationToken", "Invalid or expired invitation token"
+            )
         return self.claim_by_token(token)
 
     def revoke(self, seat_id: str) -> JSON:
@@ -926,10 +936,12 @@ class SimState:
         seat = self._seat(seat_id)
         self._require_feature()
         if seat["status"] != "pending":
-            raise SimError(400, "SeatNotPending", "Seat is not in pending status")
+            raise SimulatorError(400, "SeatNotPending", "Seat is not in pending status")
         token = self._tokens.get(seat_id)
         if token is None or not (seat["email"] or seat["customer_email"]):
-            raise SimError(400, "InvalidInvitationToken", "Invalid or expired invitation token")
+            raise SimulatorError(
+                400, "InvalidInvitationToken", "Invalid or expired invitation token"
+            )
         self._resends[seat_id] = self._resends.get(seat_id, 0) + 1
         return copy.deepcopy(seat)
 
@@ -938,13 +950,15 @@ class SimState:
     ) -> JSON:
         """`GET /v1/customer-seats`: SeatsList, revoked rows included, order not guaranteed."""
         if subscription_id is None and order_id is None:
-            raise SimError(400, "BadRequest", "Either subscription_id or order_id must be provided")
+            raise SimulatorError(
+                400, "BadRequest", "Either subscription_id or order_id must be provided"
+            )
         container_id = subscription_id or order_id
         assert container_id is not None
         container = self._containers.get(container_id)
         wanted = "subscription" if subscription_id is not None else "order"
         if container is None or container.kind != wanted:
-            raise SimError(404, "ResourceNotFound", f"{wanted.capitalize()} not found")
+            raise SimulatorError(404, "ResourceNotFound", f"{wanted.capitalize()} not found")
         self._require_feature()
         total = self._total_seats(container)
         if total == 0 and not container.seat_ids:
@@ -962,7 +976,7 @@ class SimState:
     def _subscription(self, sub_id: str) -> JSON:
         subscription = self.subscriptions.get(sub_id)
         if subscription is None:
-            raise SimError(404, "ResourceNotFound", "Subscription not found")
+            raise SimulatorError(404, "ResourceNotFound", "Subscription not found")
         return subscription
 
     def _revoke_all(self, container_id: str) -> int:
@@ -1084,7 +1098,7 @@ class SimState:
     def refund_order(self, order_id: str) -> JSON:
         order = self.orders.get(order_id)
         if order is None:
-            raise SimError(404, "ResourceNotFound", "Order not found")
+            raise SimulatorError(404, "ResourceNotFound", "Order not found")
         order.update(
             status="refunded",
             refunded_amount=order["net_amount"],
@@ -1100,7 +1114,7 @@ class SimState:
     def _member(self, member_id: str) -> JSON:
         member = self.members.get(member_id)
         if member is None:
-            raise SimError(404, "MemberNotFound", f"Member not found: {member_id}")
+            raise SimulatorError(404, "MemberNotFound", f"Member not found: {member_id}")
         return member
 
     def update_member_email(self, member_id: str, email: str) -> JSON:
@@ -1123,7 +1137,7 @@ class SimState:
         """
         customer = self.customers.get(customer_id)
         if customer is None:
-            raise SimError(404, "ResourceNotFound", "Customer not found")
+            raise SimulatorError(404, "ResourceNotFound", "Customer not found")
         now = iso(self.now())
         customer.update(email=email, modified_at=now)
         for seat in self.seats.values():
@@ -1153,7 +1167,7 @@ class SimState:
     def get_order(self, order_id: str) -> JSON:
         order = self.orders.get(order_id)
         if order is None:
-            raise SimError(404, "ResourceNotFound", "Order not found")
+            raise SimulatorError(404, "ResourceNotFound", "Order not found")
         return copy.deepcopy(order)
 
     def list_subscriptions(
@@ -1186,7 +1200,7 @@ class SimState:
             if value not in PRODUCT_BILLING_TYPES
         ]
         if errors:
-            raise SimValidationError(errors)
+            raise SimulatorValidationError(errors)
         items = [
             order
             for order in self.orders.values()
@@ -1233,7 +1247,7 @@ def _paginate(
         if criterion.removeprefix("-") not in allowed
     ]
     if errors:
-        raise SimValidationError(errors)
+        raise SimulatorValidationError(errors)
     limit = min(limit, LIST_LIMIT_MAX)
     # Stable multi-key sort: apply criteria last to first, with id as the final tie-break.
     ordered = sorted(items, key=lambda item: str(item["id"]))

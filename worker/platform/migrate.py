@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 MIGRATIONS = Path(__file__).with_name("migrations")
 
 
-class SchemaBehind(Exception):
+class SchemaBehindError(Exception):
     """The database is at an older revision than this code needs."""
 
 
@@ -58,7 +58,7 @@ async def check_schema(engine: AsyncEngine) -> None:
     if current == head:
         return
     if current is None or current in known_revisions():
-        raise SchemaBehind(
+        raise SchemaBehindError(
             f"database schema is at {current or 'nothing (empty database)'}, this code needs "
             f"{head}: run `seat-sync db upgrade`"
         )

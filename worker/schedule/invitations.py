@@ -29,12 +29,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import SQLModel, col
 
 from worker import queue
-from worker.db import retry_transaction
 from worker.models import InvitationReminder, InvitationRenewal, Seat, utcnow
-from worker.polar import InvalidRequest, PolarError, RateLimited, SeatAssign
-from worker.services import Services
+from worker.platform.db import retry_transaction
+from worker.polar.client import InvalidRequestError, PolarError, RateLimitedError, SeatAssign
+from worker.resources import Services
 
-log = structlog.get_logger("worker.invitations")
+log = structlog.get_logger("worker.schedule.invitations")
 
 # A reminder stuck in `sending` this long was interrupted by a crash: we cannot know
 # whether Polar sent it, so it is reported as `unknown` and never retried.
@@ -230,12 +230,12 @@ async def remind_expiring(
         bound = log.bind(seat_id=item.seat_id, scope_id=item.scope_id, reminder_id=row_id)
         try:
             await polar.resend(item.seat_id, lane="reminder")
-        except RateLimited:
+        except RateLimitedError:
             await _forget_claim(services, row_id)  # rejected before processing: safe to retry
             report.count("rate_limited")
             bound.warning("reminder_rate_limited")
             break
-        except InvalidRequest as exc:
+        except InvalidRequestError as exc:
             if exc.error == "SeatNotPending":
                 await _record_reminder(services, row_id, "not_pending", str(exc))
                 if services.redis is not None:
@@ -376,7 +376,7 @@ async def _revoke_then_assign(
     )
     try:
         seat = await polar.assign(request, lane="reminder")
-    except InvalidRequest as exc:
+    except InvalidRequestError as exc:
         if exc.error == "SeatAlreadyAssigned":
             # The assign went through before a crash: it is done, do not assign again.
             await _set_renewal(services, row.id, state="assigned", error=None)

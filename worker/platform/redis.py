@@ -10,7 +10,7 @@ from pathlib import Path
 import redis.asyncio as aioredis
 import structlog
 
-log = structlog.get_logger("worker.embedded")
+log = structlog.get_logger("worker.platform.redis")
 
 
 def redis_binary() -> str:

@@ -10,11 +10,11 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
-from worker.db import retry_transaction
 from worker.models import Seat, SeatScope, utcnow
-from worker.polar import NotFound, SeatsList
-from worker.reconcile import POLAR_COLUMNS, reconcile_scope, seat_row
-from worker.services import Services
+from worker.platform.db import retry_transaction
+from worker.polar.client import NotFoundError, SeatsList
+from worker.resources import Services
+from worker.sync.reconcile import POLAR_COLUMNS, reconcile_scope, seat_row
 
 
 @dataclass
@@ -113,7 +113,7 @@ async def verify_scope(
     sent: list[datetime] = []
     try:
         listing = await polar.list_scope_seats(kind, scope_id, lane="interactive", sent_at=sent)
-    except NotFound:
+    except NotFoundError:
         report.differences.append(
             Difference(kind, scope_id, None, "scope", "not found in Polar (404)")
         )

@@ -8,8 +8,8 @@ from alembic import context
 from sqlalchemy.engine import Connection
 from sqlmodel import SQLModel
 
-from worker import models  # noqa: F401  (registers the tables on SQLModel.metadata)
-from worker.db import async_url, create_engine
+from worker import models  # noqa: F401  registers the tables on SQLModel.metadata
+from worker.platform.db import async_url, create_engine
 
 config = context.config
 target_metadata = SQLModel.metadata

@@ -16,10 +16,10 @@ from sqlalchemy import ARRAY, String, any_, cast, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
-from worker import inbox
-from worker.db import insert_ignoring_conflict
+from worker.intake import inbox
 from worker.models import Seat, SeatChange, SeatScope
-from worker.polar import CustomerSeat, SeatsList
+from worker.platform.db import insert_ignoring_conflict
+from worker.polar.client import CustomerSeat, SeatsList
 
 # Columns Polar owns; `synced_at` and `gone_at` are ours.
 POLAR_COLUMNS = (

@@ -13,12 +13,13 @@ from sqlalchemy import and_, exists, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
 
-from worker import queue, routing
-from worker.db import insert_ignoring_conflict, retry_transaction
+from worker import queue
+from worker.intake import routing
+from worker.intake.routing import ScopeRef
 from worker.models import WebhookDelivery, WebhookDeliveryScope, utcnow
-from worker.routing import ScopeRef
+from worker.platform.db import insert_ignoring_conflict, retry_transaction
 
-log = structlog.get_logger("worker.inbox")
+log = structlog.get_logger("worker.intake.inbox")
 
 # Younger deliveries are still being handed to Redis by the receiver; leave them be.
 SWEEP_MIN_AGE = timedelta(seconds=10)
@@ -320,15 +321,3 @@ async def sweep_inbox(
         else:
             result.already_waiting += 1
     return result
-
-
-async def pending_deliveries(session: AsyncSession) -> tuple[int, datetime | None]:
-    """(acknowledged deliveries not yet processed, when the oldest of them arrived)."""
-    count, oldest = (
-        await session.execute(
-            select(func.count(), func.min(WebhookDelivery.received_at)).where(
-                col(WebhookDelivery.processed_at).is_(None)
-            )
-        )
-    ).one()
-    return int(count), oldest

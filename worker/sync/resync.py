@@ -24,13 +24,13 @@ from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
-from worker import sync
-from worker.db import insert_ignoring_conflict, retry_transaction
 from worker.models import ResyncItem, SeatScope, SyncRun, utcnow
-from worker.polar import AuthError, PolarError, PolarMisconfigured, RateLimited
-from worker.services import Services
+from worker.platform.db import insert_ignoring_conflict, retry_transaction
+from worker.polar.client import AuthError, PolarError, PolarMisconfiguredError, RateLimitedError
+from worker.resources import Services
+from worker.sync import scope as sync
 
-log = structlog.get_logger("worker.resync")
+log = structlog.get_logger("worker.sync.resync")
 
 LOCK_KEY = "seat-sync:lock:resync-all"
 LOCK_TTL_MS = 15_000  # refreshed every TTL/4: a killed pass frees the lock quickly
@@ -52,7 +52,7 @@ class PassSummary:
     seats_changed: int
 
 
-class PassBusy(Exception):
+class PassBusyError(Exception):
     """Another process is running the full resync right now."""
 
 
@@ -65,7 +65,7 @@ async def _pass_lock(services: Services) -> AsyncIterator[None]:
         return
     token = uuid.uuid4().hex
     if not await redis.set(LOCK_KEY, token, nx=True, px=LOCK_TTL_MS):
-        raise PassBusy("a full resync is already running")
+        raise PassBusyError("a full resync is already running")
 
     async def refresh() -> None:
         while True:
@@ -153,7 +153,7 @@ async def _call_with_patience(make_call: Callable[[], Any], what: str) -> Any:
     for attempt in range(1, ITEM_TRIES + 1):
         try:
             return await make_call()
-        except RateLimited as exc:
+        except RateLimitedError as exc:
             await asyncio.sleep(exc.retry_after)
         except PolarError as exc:
             if not exc.retryable or attempt == ITEM_TRIES:
@@ -216,9 +216,9 @@ async def _sync_item(
             outcome = await sync.sync_scope(
                 services, kind=kind, scope_id=scope_id, trigger="resync", lane="resync"
             )
-        except (AuthError, PolarMisconfigured):
+        except (AuthError, PolarMisconfiguredError):
             raise  # no scope can sync until the token or configuration is fixed: stop the pass
-        except RateLimited as exc:
+        except RateLimitedError as exc:
             await asyncio.sleep(exc.retry_after)
             continue
         except PolarError as exc:
@@ -332,7 +332,7 @@ async def resync_all(
     force: bool = False,
     progress: Progress | None = None,
 ) -> PassSummary | None:
-    """Run (or resume) a full pass. None when no pass is due. PassBusy when one runs."""
+    """Run (or resume) a full pass. None when no pass is due. PassBusyError when one runs."""
     interval = timedelta(minutes=services.settings.resync_interval_minutes)
     async with _pass_lock(services):
         run, resumed = await _open_or_resume(
@@ -349,7 +349,7 @@ async def resync_all(
             if progress is not None:
                 progress(done, total)
             await _sync_open_items(services, run, total, done, progress)
-        except (AuthError, PolarMisconfigured) as exc:
+        except (AuthError, PolarMisconfiguredError) as exc:
             await _summarise(services, run.id, resumed, str(exc))
             bound.error("resync_pass_failed", error=str(exc), error_class=type(exc).__name__)
             raise
@@ -388,7 +388,7 @@ async def _sync_open_items(
                 return
             try:
                 outcome, calls, changed = await _sync_item(services, run, kind, scope_id)
-            except (AuthError, PolarMisconfigured) as exc:
+            except (AuthError, PolarMisconfiguredError) as exc:
                 # Every other scope would fail the same way: the other lanes finish the
                 # scope in hand and take no more, and the pass ends as failed.
                 stopped.append(exc)

@@ -12,14 +12,14 @@ from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
-from worker import metrics
-from worker.db import retry_transaction
 from worker.models import SyncRun, utcnow
-from worker.polar import Lane, NotFound, PolarError, PolarMisconfigured, SeatsList
-from worker.reconcile import ReconcileResult, mark_scope_gone, reconcile_scope, record_failure
-from worker.services import Services
+from worker.platform import metrics
+from worker.platform.db import retry_transaction
+from worker.polar.client import Lane, NotFoundError, PolarError, PolarMisconfiguredError, SeatsList
+from worker.resources import Services
+from worker.sync.reconcile import ReconcileResult, mark_scope_gone, reconcile_scope, record_failure
 
-log = structlog.get_logger("worker.sync")
+log = structlog.get_logger("worker.sync.scope")
 
 
 @dataclass
@@ -77,7 +77,7 @@ async def sync_scope(
     """Fetch, then reconcile in one transaction. Polar errors are recorded and re-raised.
 
     Only Polar's own `ResourceNotFound` marks the scope gone; a 404 without an error code
-    (PolarMisconfigured) is recorded as a failure and leaves the scope and its seats as
+    (PolarMisconfiguredError) is recorded as a failure and leaves the scope and its seats as
     they were."""
     bound = log.bind(scope_kind=kind, scope_id=scope_id, trigger=trigger, job_id=job_id)
     services.require_polar()
@@ -103,7 +103,7 @@ async def _fetch_and_reconcile(
     sent: list[datetime] = []
     try:
         seats: SeatsList = await polar.list_scope_seats(kind, scope_id, lane=lane, sent_at=sent)
-    except NotFound:
+    except NotFoundError:
         fetch_started_at = sent[-1]
 
         async def gone(session: AsyncSession) -> None:
@@ -127,7 +127,7 @@ async def _fetch_and_reconcile(
     except PolarError as exc:
         await _finish_failed(services, run_id=run_id, kind=kind, scope_id=scope_id, error=str(exc))
         metrics.SYNCS.labels(outcome="failed").inc()
-        if isinstance(exc, PolarMisconfigured):
+        if isinstance(exc, PolarMisconfiguredError):
             bound.error("sync_polar_misconfigured", error=str(exc))
         else:
             bound.warning("sync_failed", error=str(exc), error_class=type(exc).__name__)

@@ -14,14 +14,19 @@ from arq.cron import cron
 from arq.worker import Function, Worker, func
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from worker import inbox, invitations, metrics, queue, resync, sync
+from worker import queue
 from worker.config import Settings
-from worker.db import is_retryable_db_error
-from worker.migrate import check_schema
-from worker.polar import AuthError, PolarMisconfigured, RateLimited, TransientError
-from worker.services import Services
+from worker.intake import inbox
+from worker.platform.db import is_retryable_db_error
+from worker.platform.migrate import check_schema
+from worker.polar.client import AuthError, PolarMisconfiguredError, RateLimitedError, TransientError
+from worker.query import gauges
+from worker.resources import Services
+from worker.schedule import invitations
+from worker.sync import resync
+from worker.sync import scope as sync
 
-log = structlog.get_logger("worker.jobs")
+log = structlog.get_logger("worker.schedule.jobs")
 
 Ctx = dict[str, Any]
 
@@ -59,7 +64,7 @@ async def sync_scope(ctx: Ctx, *, kind: str, scope_id: str, trigger: str = "webh
             lane="webhook",
             job_id=ctx.get("job_id"),
         )
-    except RateLimited as exc:
+    except RateLimitedError as exc:
         bound.warning("sync_rate_limited", retry_after=exc.retry_after)
         raise Retry(defer=exc.retry_after + random.uniform(0, 2)) from None
     except TransientError as exc:
@@ -69,7 +74,7 @@ async def sync_scope(ctx: Ctx, *, kind: str, scope_id: str, trigger: str = "webh
     except AuthError as exc:
         bound.error("sync_auth_failed", error=str(exc))
         raise
-    except PolarMisconfigured:
+    except PolarMisconfiguredError:
         # Retrying cannot help until the configuration is fixed; the failure is recorded on
         # the scope, and the next full resync or webhook tries again.
         raise
@@ -109,7 +114,7 @@ async def resync_all(ctx: Ctx) -> str:
     services: Services = ctx["services"]
     try:
         summary = await resync.resync_all(services, trigger="cron")
-    except resync.PassBusy:
+    except resync.PassBusyError:
         return "busy"
     return "not due" if summary is None else f"pass {summary.run_id}: {summary.scopes} scopes"
 
@@ -142,7 +147,7 @@ async def startup(ctx: Ctx) -> None:
     ctx["services"] = services
     if settings.metrics_port is not None:
         ctx["metrics_task"] = asyncio.create_task(
-            metrics.serve_worker_metrics(services, settings.metrics_port)
+            gauges.serve_worker_metrics(services, settings.metrics_port)
         )
     log.info("worker_started", polar_api_url=settings.polar_api_url)
 

@@ -18,12 +18,12 @@ from sqlalchemy import select
 from sqlmodel import col
 
 from worker.config import Settings
-from worker.db import create_engine, session_factory
-from worker.embedded import EmbeddedRedis
-from worker.jobs import build_worker
-from worker.migrate import upgrade
 from worker.models import Seat, SeatChange, seat_json
-from worker.polar import CustomerSeat
+from worker.platform.db import create_engine, session_factory
+from worker.platform.migrate import upgrade
+from worker.platform.redis import EmbeddedRedis
+from worker.polar.client import CustomerSeat
+from worker.schedule.jobs import build_worker
 
 DEMO_TOKEN = "polar_oat_simulated"
 
@@ -34,9 +34,9 @@ def _normalised(seat: dict[str, Any]) -> dict[str, Any]:
 
 async def run_demo(data_dir: Path, console: Console) -> bool:
     """Run the scenario; True when the mirror matched Polar after every step."""
+    from worker.intake.receiver import running
     from worker.simulator.server import SimulatedPolar
     from worker.simulator.webhooks import new_webhook_secret
-    from worker.webhooks import running
 
     def fresh_dir() -> Path:
         shutil.rmtree(data_dir, ignore_errors=True)

@@ -22,15 +22,15 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlmodel import col
 
-from worker import logs
 from worker.config import ConfigError, Settings, load_settings
-from worker.db import is_sqlite, redacted, sqlite_path
-from worker.embedded import EmbeddedRedis, ping, socket_url
-from worker.migrate import SchemaBehind, check_schema, upgrade
 from worker.models import Seat, seat_json
-from worker.polar import CHECK_CONFIGURATION, AuthError, PolarError, RateLimited
-from worker.reconcile import SeatDiff
-from worker.services import Services
+from worker.platform import logs
+from worker.platform.db import is_sqlite, redacted, sqlite_path
+from worker.platform.migrate import SchemaBehindError, check_schema, upgrade
+from worker.platform.redis import EmbeddedRedis, ping, socket_url
+from worker.polar.client import CHECK_CONFIGURATION, AuthError, PolarError, RateLimitedError
+from worker.resources import Services
+from worker.sync.reconcile import SeatDiff
 
 T = TypeVar("T")
 
@@ -46,7 +46,7 @@ app.add_typer(db_app, name="db")
 
 out = Console()
 err = Console(stderr=True)
-log = structlog.get_logger("worker.cli")
+log = structlog.get_logger("worker.cli.app")
 
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
@@ -80,7 +80,7 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(coro)
     except ConfigError as exc:
         fail(str(exc), EXIT_CONFIG)
-    except SchemaBehind as exc:
+    except SchemaBehindError as exc:
         fail(str(exc))
     except AuthError as exc:
         fail(str(exc))
@@ -161,7 +161,7 @@ async def _run_until_signalled(tasks: Sequence[Callable[[], Coroutine[Any, Any, 
 
 
 async def _worker_main(settings: Settings, *, with_web: bool, host: str, port: int) -> None:
-    from worker.jobs import build_worker
+    from worker.schedule.jobs import build_worker
 
     redis_url, embedded = await resolve_redis_url(settings, start=True)
     assert redis_url is not None
@@ -175,7 +175,7 @@ async def _worker_main(settings: Settings, *, with_web: bool, host: str, port: i
 
         parts: list[Callable[[], Coroutine[Any, Any, None]]] = [supervised_worker]
         if with_web:
-            from worker.webhooks import serve
+            from worker.intake.receiver import serve
 
             async def web() -> None:
                 await serve(
@@ -264,7 +264,7 @@ def web(
     settings.require_webhook_secret()
 
     async def main() -> None:
-        from worker.webhooks import serve
+        from worker.intake.receiver import serve
 
         await ensure_schema(settings)
         redis_url, _ = await resolve_redis_url(settings, start=False)
@@ -334,7 +334,7 @@ def demo(
     """Show the whole pipeline on the embedded defaults against the simulated Polar."""
     from pathlib import Path
 
-    from worker.demo import run_demo
+    from worker.process.demo import run_demo
 
     logs.configure(log_format="console", level="WARNING")
     if not run_async(run_demo(Path(data_dir), out)):
@@ -349,7 +349,7 @@ async def with_polar_retries(call: Callable[[], Awaitable[T]], *, attempts: int 
     for attempt in range(1, attempts + 1):
         try:
             return await call()
-        except RateLimited as exc:
+        except RateLimitedError as exc:
             if attempt == attempts:
                 raise
             err.print(f"rate limited by Polar; waiting {exc.retry_after:g}s", highlight=False)
@@ -390,7 +390,7 @@ async def operating(settings: Settings) -> AsyncIterator[Services]:
 
 
 async def _resync_one(settings: Settings, kind: str, scope_id: str) -> None:
-    from worker import sync
+    from worker.sync import scope as sync
 
     async with operating(settings) as services:
         outcome = await with_polar_retries(
@@ -414,7 +414,7 @@ async def _resync_one(settings: Settings, kind: str, scope_id: str) -> None:
 async def _resync_all(settings: Settings) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    from worker.resync import PassBusy, resync_all
+    from worker.sync.resync import PassBusyError, resync_all
 
     async with operating(settings) as services:
         with Progress(
@@ -432,7 +432,7 @@ async def _resync_all(settings: Settings) -> None:
 
             try:
                 summary = await resync_all(services, trigger="cli", force=True, progress=advance)
-            except PassBusy as exc:
+            except PassBusyError as exc:
                 fail(f"{exc}; try again when it has finished")
     assert summary is not None
     out.print(
@@ -491,7 +491,7 @@ def remind(
     settings.require_token()
 
     async def main() -> None:
-        from worker.invitations import remind_expiring
+        from worker.schedule.invitations import remind_expiring
 
         async with operating(settings) as services:
             report = await remind_expiring(services, dry_run=dry_run, spread=0.0)
@@ -514,7 +514,7 @@ def renew(
         fail("renewal is off: set RENEW_EXPIRED_INVITATIONS=true (or use --dry-run)", EXIT_CONFIG)
 
     async def main() -> None:
-        from worker.invitations import renew_expired
+        from worker.schedule.invitations import renew_expired
 
         async with operating(settings) as services:
             report = await renew_expired(services, dry_run=dry_run)
@@ -936,7 +936,7 @@ def verify(
     repair: Annotated[bool, typer.Option("--repair", help="Fix the drift found.")] = False,
 ) -> None:
     """Compare the mirror with Polar scope by scope; exit 3 on drift (0 after --repair)."""
-    from worker.verify import mirrored_scopes, verify_scope
+    from worker.sync.verify import mirrored_scopes, verify_scope
 
     chosen: list[tuple[str, str]] = []
     for item in scope or []:
@@ -974,7 +974,6 @@ def verify(
 
 
 async def _status(settings: Settings) -> dict[str, Any]:
-    from worker.inbox import pending_deliveries
     from worker.models import (
         InvitationReminder,
         InvitationRenewal,
@@ -982,6 +981,7 @@ async def _status(settings: Settings) -> dict[str, Any]:
         SyncRun,
         utcnow,
     )
+    from worker.query.inbox import pending_deliveries
     from worker.queue import QUEUE_NAME
 
     redis_url, _ = await resolve_redis_url(settings, start=False)

@@ -11,8 +11,8 @@ from typing import Any, Generic, Literal, Protocol, TypeVar
 import httpx
 from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
 
-from worker import metrics
 from worker.config import DEFAULT_POLAR_API_VERSION
+from worker.platform import metrics
 
 PAGE_LIMIT = 100
 # What every misconfiguration message ends with; `seat-sync status` looks for it.
@@ -36,7 +36,7 @@ class PolarError(Exception):
         self.error = error
 
 
-class RateLimited(PolarError):
+class RateLimitedError(PolarError):
     """429: the organisation's budget is spent; wait `retry_after` seconds."""
 
     retryable = True
@@ -52,12 +52,12 @@ class TransientError(PolarError):
     retryable = True
 
 
-class NotFound(PolarError):
+class NotFoundError(PolarError):
     """404 `ResourceNotFound`: Polar says the subscription, order or seat does not exist
     (or is not ours). The only answer that means "gone"."""
 
 
-class PolarMisconfigured(PolarError):
+class PolarMisconfiguredError(PolarError):
     """404 without an error code: Polar's router found no such route, which is what a wrong
     POLAR_API_URL or an unknown or retired POLAR_API_VERSION gets. It says nothing about the
     subscription or order asked for, and lasts until the configuration is fixed."""
@@ -67,7 +67,7 @@ class AuthError(PolarError):
     """401/403: bad token, missing scope, or seat-based pricing not enabled."""
 
 
-class InvalidRequest(PolarError):
+class InvalidRequestError(PolarError):
     """400/422: Polar refused the request; `error` holds Polar's error class name."""
 
 
@@ -185,7 +185,7 @@ class SeatAssign(BaseModel):
 
 
 class Budget(Protocol):
-    """Shared request budget; see worker/budget.py for the Redis implementation."""
+    """Shared request budget; worker/polar/budget.py is the Redis implementation."""
 
     async def acquire(self, lane: Lane) -> None: ...
 
@@ -227,7 +227,7 @@ def classify(response: httpx.Response, *, what: str) -> PolarError:
             retry_after = max(float(raw), 1.0)
         except ValueError:
             retry_after = 60.0
-        return RateLimited(retry_after)
+        return RateLimitedError(retry_after)
     if status >= 500:
         return TransientError(f"{what}: Polar answered {status}", status=status, error=error)
     if status == 401:
@@ -251,14 +251,16 @@ def classify(response: httpx.Response, *, what: str) -> PolarError:
             message = f"{what}: not permitted (403 {error or ''} {detail})".strip()
         return AuthError(message, status=status, error=error)
     if status == 404 and error is None:
-        return PolarMisconfigured(
+        return PolarMisconfiguredError(
             f"{what}: Polar answered 404 without an error code for {_request_line(response)}: "
             + CHECK_CONFIGURATION,
             status=status,
         )
     if status == 404 and error == "ResourceNotFound":
-        return NotFound(f"{what}: not found (404 ResourceNotFound)", status=status, error=error)
-    return InvalidRequest(
+        return NotFoundError(
+            f"{what}: not found (404 ResourceNotFound)", status=status, error=error
+        )
+    return InvalidRequestError(
         f"{what}: Polar refused the request ({status} {error or ''}: {detail})",
         status=status,
         error=error,
@@ -358,12 +360,12 @@ class PolarClient:
         metrics.observe_polar_status(response.status_code)
         if response.status_code == 429 and self._budget is not None:
             error = classify(response, what=what)
-            assert isinstance(error, RateLimited)
+            assert isinstance(error, RateLimitedError)
             await self._budget.pause(error.retry_after)
             raise error
         if not 200 <= response.status_code < 300:
             error = classify(response, what=what)
-            if isinstance(error, PolarMisconfigured):
+            if isinstance(error, PolarMisconfiguredError):
                 metrics.POLAR_MISCONFIGURED.inc()
             raise error
         try:
@@ -376,7 +378,7 @@ class PolarClient:
         try:
             return model.model_validate(data)
         except ValidationError as exc:
-            raise InvalidRequest(
+            raise InvalidRequestError(
                 f"{what}: unexpected response shape ({exc.error_count()} errors, first: "
                 f"{exc.errors()[0]['loc']} {exc.errors()[0]['msg']})"
             ) from None

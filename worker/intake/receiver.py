@@ -33,14 +33,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from worker import metrics, queue
-from worker.budget import RedisBudget
+from worker import queue
 from worker.config import Settings
-from worker.db import create_engine, retry_transaction, session_factory
-from worker.inbox import Recorded, record_delivery
+from worker.intake.inbox import Recorded, record_delivery
 from worker.models import utcnow
+from worker.platform import metrics
+from worker.platform.db import create_engine, retry_transaction, session_factory
+from worker.polar.budget import RedisBudget
+from worker.query import gauges
 
-log = structlog.get_logger("worker.webhooks")
+log = structlog.get_logger("worker.intake.receiver")
 
 WEBHOOK_PATH = "/webhooks/polar"
 MAX_BODY_BYTES = 1024 * 1024
@@ -55,7 +57,7 @@ CHECK_TIMEOUT_SECONDS = 2.0
 # ---------------------------------------------------------------------- verification
 
 
-class SignatureRejected(Exception):
+class SignatureRejectedError(Exception):
     """The request is not provably from Polar (the reason is safe to log)."""
 
     def __init__(self, reason: str) -> None:
@@ -91,16 +93,16 @@ def verify_signature(
     now: float | None = None,
     tolerance: int = TOLERANCE_SECONDS,
 ) -> None:
-    """Raise SignatureRejected unless one of the space-separated `v1,<base64>` values is
+    """Raise SignatureRejectedError unless one of the space-separated `v1,<base64>` values is
     the HMAC-SHA256 of `id.timestamp.body` under one of `keys`, and the timestamp is
     within `tolerance` seconds."""
     try:
         sent_at = int(timestamp)
     except ValueError:
-        raise SignatureRejected("invalid_timestamp") from None
+        raise SignatureRejectedError("invalid_timestamp") from None
     current = time.time() if now is None else now
     if abs(current - sent_at) > tolerance:
-        raise SignatureRejected("stale_timestamp" if sent_at < current else "future_timestamp")
+        raise SignatureRejectedError("stale_timestamp" if sent_at < current else "future_timestamp")
     message = f"{webhook_id}.{timestamp}.".encode() + body
     expected = [hmac.new(key, message, hashlib.sha256).digest() for key in keys]
     matched = False
@@ -117,17 +119,17 @@ def verify_signature(
         for digest in expected:
             matched |= hmac.compare_digest(digest, given)
     if not matched:
-        raise SignatureRejected("bad_signature")
+        raise SignatureRejectedError("bad_signature")
 
 
 # ---------------------------------------------------------------------- request parsing
 
 
-class BodyTooLarge(Exception):
+class BodyTooLargeError(Exception):
     pass
 
 
-class BadRequest(Exception):
+class BadRequestError(Exception):
     pass
 
 
@@ -138,35 +140,35 @@ async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
         try:
             length = int(declared)
         except ValueError:
-            raise BadRequest("invalid content-length") from None
+            raise BadRequestError("invalid content-length") from None
         if length > limit:
-            raise BodyTooLarge
+            raise BodyTooLargeError
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise BodyTooLarge
+            raise BodyTooLargeError
         chunks.append(chunk)
     return b"".join(chunks)
 
 
 def parse_envelope(body: bytes) -> tuple[str, dict[str, Any]]:
-    """The raw text and the envelope object; BadRequest unless it is an object with a type."""
+    """The raw text and the envelope object; BadRequestError unless it is an object with a type."""
     try:
         raw = body.decode("utf-8")
         envelope = json.loads(raw)
     except (ValueError, RecursionError):  # not UTF-8, not JSON, or nested beyond reason
-        raise BadRequest("body is not JSON") from None
+        raise BadRequestError("body is not JSON") from None
     if not isinstance(envelope, dict):
-        raise BadRequest("body is not a JSON object")
+        raise BadRequestError("body is not a JSON object")
     event_type = envelope.get("type")
     if not isinstance(event_type, str) or not event_type:
-        raise BadRequest("body has no event type")
+        raise BadRequestError("body has no event type")
     if _has_nul(envelope):
         # PostgreSQL text cannot hold NUL: refuse it (400) rather than fail the commit
         # (503) on every one of Polar's retries until it disables the endpoint.
-        raise BadRequest("body contains NUL characters")
+        raise BadRequestError("body contains NUL characters")
     return raw, envelope
 
 
@@ -232,12 +234,12 @@ class Receiver:
         received_at = utcnow()
         try:
             body = await read_body(request)
-        except BodyTooLarge:
+        except BodyTooLargeError:
             log.warning("webhook_rejected", reason="body_too_large")
             return _counted(
                 _problem(413, f"body larger than {MAX_BODY_BYTES} bytes"), None, "too_large"
             )
-        except BadRequest as exc:
+        except BadRequestError as exc:
             log.warning("webhook_rejected", reason="bad_content_length")
             return _counted(_problem(400, str(exc)), None, "bad_request")
 
@@ -263,13 +265,13 @@ class Receiver:
                 body=body,
                 signature_header=signature,
             )
-        except SignatureRejected as exc:
+        except SignatureRejectedError as exc:
             bound.warning("webhook_rejected", reason=exc.reason)
             return _counted(_problem(403, "signature verification failed"), None, "bad_signature")
 
         try:
             raw, envelope = parse_envelope(body)
-        except BadRequest as exc:
+        except BadRequestError as exc:
             bound.warning("webhook_rejected", reason="bad_payload", error=str(exc))
             return _counted(_problem(400, str(exc)), None, "bad_payload")
         event_type: str = envelope["type"]
@@ -409,7 +411,7 @@ def create_app(settings: Settings, *, redis_url: str | None = None) -> Starlette
             else None
         )
         async with asyncio.timeout(CHECK_TIMEOUT_SECONDS * 2):
-            await metrics.refresh(receiver.sessions, redis=receiver.redis, budget=budget)
+            await gauges.refresh(receiver.sessions, redis=receiver.redis, budget=budget)
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from arq.connections import ArqRedis, create_pool
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from worker.budget import RedisBudget
 from worker.config import Settings
-from worker.db import create_engine, session_factory
-from worker.polar import PolarClient
+from worker.platform.db import create_engine, session_factory
+from worker.polar.budget import RedisBudget
+from worker.polar.client import PolarClient
 from worker.queue import redis_settings
 
 

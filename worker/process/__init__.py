@@ -1,0 +1,1 @@
+"""The processes: compose the stages into `run`, `worker`, `web` and the demo."""

@@ -1,0 +1,1 @@
+"""Every read the CLI and metrics make, in plain portable SQL."""
