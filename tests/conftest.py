@@ -1,5 +1,6 @@
 """Shared fixtures: a fresh real database (SQLite file and PostgreSQL) per test, a real Redis
-database flushed per test, the simulated Polar over loopback HTTP, and started services."""
+database flushed per test, the simulated Polar over loopback HTTP, and started services.
+Helpers that tests import live in `tests/support/`."""
 
 from __future__ import annotations
 
@@ -9,31 +10,25 @@ import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from tests.support.processes import Database
+from tests.support.settings import (
+    BACKENDS,
+    PG_ADMIN_URL,
+    REDIS_BASE_URL,
+    SIM_TOKEN,
+    make_settings,
+)
 from worker.config import Settings
+from worker.platform.db import create_engine, session_factory
 from worker.platform.migrate import upgrade
 from worker.resources import Services
-from worker.schedule.jobs import build_worker
-
-if TYPE_CHECKING:
-    from worker.simulator.server import SimulatedPolar
-
-PG_ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
-REDIS_BASE_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
-BACKENDS = [
-    b.strip()
-    for b in os.environ.get("SEAT_SYNC_TEST_DATABASES", "sqlite,postgresql").split(",")
-    if b.strip()
-]
-SIM_TOKEN = "polar_oat_simulated"
-# An endpoint secret as Polar issues it today: `whsec_` + base64 of 32 random bytes, signed
-# with the decoded bytes (Standard Webhooks). Fixed, so a failing run can be replayed.
-WEBHOOK_SECRET = "whsec_c2VhdC1zeW5jIHRlc3RzOiBhIDMyLWJ5dGUga2V5ISE="
+from worker.simulator.server import SimulatedPolar
 
 
 def _pg_url(database: str) -> str:
@@ -96,30 +91,34 @@ async def redis_url() -> AsyncIterator[str]:
 
 
 @pytest.fixture
-async def sim() -> AsyncIterator[SimulatedPolar]:
-    from worker.simulator.server import SimulatedPolar
-
-    polar = SimulatedPolar(token=SIM_TOKEN, seed=1234)
-    await polar.start()
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    """An engine on the test's database, for tests that read or write it directly."""
+    created = create_engine(database_url)
     try:
-        yield polar
+        yield created
     finally:
-        await polar.stop()
+        await created.dispose()
 
 
-def make_settings(database_url: str, sim: SimulatedPolar | None = None, **extra: Any) -> Settings:
-    values: dict[str, Any] = {
-        "database_url": database_url,
-        "polar_access_token": SIM_TOKEN,
-        "polar_api_url": sim.base_url if sim is not None else "http://127.0.0.1:9",
-        "polar_webhook_secret": WEBHOOK_SECRET,
-        "polar_timeout_seconds": 3.0,
-        # Tests that are about the budget set their own; the rest must not wait on it.
-        "polar_requests_per_minute": 1_000_000,
-        "log_format": "json",
-    }
-    values.update(extra)
-    return Settings(**values)
+@pytest.fixture
+def sessions(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return session_factory(engine)
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[Database]:
+    """The test's own view of the mirror that `seat-sync` processes write."""
+    opened = Database(database_url)
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[SimulatedPolar]:
+    async with SimulatedPolar(token=SIM_TOKEN, seed=1234) as polar:
+        yield polar
 
 
 @pytest.fixture
@@ -134,23 +133,3 @@ async def services(settings: Settings, redis_url: str) -> AsyncIterator[Services
         yield started
     finally:
         await started.close()
-
-
-async def run_worker_until_idle(
-    settings: Settings, redis_url: str, *, max_jobs: int = 10, cron_jobs: bool = False
-) -> Any:
-    """Run an in-process arq worker until the queue is empty (burst mode). Its cron jobs
-    are off unless asked for, so that tests count Polar calls exactly."""
-    worker = build_worker(
-        settings,
-        redis_url,
-        burst=True,
-        handle_signals=False,
-        max_jobs=max_jobs,
-        cron_jobs=cron_jobs,
-    )
-    try:
-        await worker.async_run()
-    finally:
-        await worker.close()
-    return worker

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.chaos_driver import (
+from tests.support.chaos_driver import (
     History,
     Mirror,
     Profile,
@@ -33,12 +33,15 @@ from tests.chaos_driver import (
     seat_change_violations,
     wait_until_drained,
 )
-from tests.conftest import SIM_TOKEN, make_settings, run_worker_until_idle
+from tests.support.settings import SIM_TOKEN, make_settings, secret_of
+from tests.support.waiting import eventually
+from tests.support.workers import run_worker_until_idle
 from worker.config import Settings
 from worker.intake import inbox
 from worker.intake.receiver import running
 from worker.models import SeatChange, utcnow
-from worker.polar.client import Lane, SeatsList
+from worker.polar.errors import Lane
+from worker.polar.schemas import SeatsList
 from worker.resources import Services
 from worker.schedule.jobs import build_worker
 from worker.simulator.server import SimulatedPolar
@@ -73,7 +76,12 @@ async def workers(settings: Settings, redis_url: str, count: int = 2) -> AsyncIt
     tasks = [asyncio.create_task(w.async_run()) for w in started]
     try:
         # The storm starts once every worker is up (its startup checks the schema).
-        await wait_until(lambda: all("services" in w.ctx for w in started), within=20.0)
+        await eventually(
+            lambda: all("services" in w.ctx for w in started),
+            within=20,
+            every=0.005,
+            what="every worker started",
+        )
         yield
     finally:
         for worker, task in zip(started, tasks, strict=True):
@@ -334,7 +342,7 @@ async def test_an_older_snapshot_landing_last_never_moves_the_mirror_back(
     monkeypatch.setattr(polar, "list_scope_seats", list_scope_seats)
 
     first = asyncio.create_task(sync.sync_scope(services, kind="subscription", scope_id=sub_id))
-    await wait_until(lambda: calls == 1)
+    await eventually(lambda: calls == 1, within=5, every=0.005, what="the first sync's wait")
     second = asyncio.create_task(sync.sync_scope(services, kind="subscription", scope_id=sub_id))
     # (A sync that serialises fetches per scope makes the second wait for the first here.)
     with contextlib.suppress(TimeoutError):
@@ -351,16 +359,30 @@ async def test_an_older_snapshot_landing_last_never_moves_the_mirror_back(
     assert seat_change_violations(mirror.changes, history, mirror.seats) == []
 
 
-def secret_of(settings: Settings) -> str:
-    """The receiver's endpoint secret, which the simulated Polar signs with."""
-    return settings.require_webhook_secret().get_secret_value()
-
-
-async def wait_until(predicate: Callable[[], bool], within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.005)
+async def change_during_first_sync(
+    sim: SimulatedPolar,
+    settings: Settings,
+    redis_url: str,
+    email: str,
+    change: Callable[[dict[str, Any]], object],
+) -> dict[str, Any]:
+    """Assign a seat to `email` and deliver that webhook. While the first sync of its scope
+    holds Polar's answer (read before the change), `change(seat)` happens in Polar and its
+    webhooks are delivered; then every sync runs to the end. Returns the seat."""
+    async with running(settings, redis_url=redis_url) as url:
+        sim.webhooks.configure(url=url, secret=secret_of(settings))
+        sub_id = sim.state.create_subscription(seats=2)["id"]
+        seat = sim.state.assign(subscription_id=sub_id, email=email)
+        await sim.webhooks.flush()
+        hold = sim.hold_list_seats(30, snapshot="before", container_id=sub_id, times=1)
+        worker = asyncio.create_task(run_worker_until_idle(settings, redis_url))
+        await hold.wait_entered()
+        change(seat)
+        await sim.webhooks.flush()
+        sim.release_hold()
+        await worker
+        await run_worker_until_idle(settings, redis_url)  # whatever the webhook asked for
+    return seat
 
 
 async def test_a_member_email_change_during_the_first_sync_of_their_seat_is_mirrored(
@@ -372,19 +394,13 @@ async def test_a_member_email_change_during_the_first_sync_of_their_seat_is_mirr
     still end with her new e-mail. (Found while defining which scopes must have converged
     before the resync: a member event is routed only through what the mirror shows.)"""
     history = History(sim)
-    async with running(settings, redis_url=redis_url) as url:
-        sim.webhooks.configure(url=url, secret=secret_of(settings))
-        sub_id = sim.state.create_subscription(seats=2)["id"]
-        seat = sim.state.assign(subscription_id=sub_id, email="ada@example.com")
-        await sim.webhooks.flush()
-        hold = sim.hold_list_seats(30, snapshot="before", container_id=sub_id, times=1)
-        worker = asyncio.create_task(run_worker_until_idle(settings, redis_url))
-        await hold.wait_entered()
-        sim.state.update_member_email(seat["member_id"], "ada.lovelace@example.com")
-        await sim.webhooks.flush()
-        sim.release_hold()
-        await worker
-        await run_worker_until_idle(settings, redis_url)  # whatever the webhook asked for
+    seat = await change_during_first_sync(
+        sim,
+        settings,
+        redis_url,
+        "ada@example.com",
+        lambda seat: sim.state.update_member_email(seat["member_id"], "ada.lovelace@example.com"),
+    )
 
     mirror = await Mirror.load(settings.database_url)
     [row] = [s for s in mirror.seats if s.id == seat["id"]]
@@ -399,25 +415,17 @@ async def test_a_customer_email_change_during_the_first_sync_of_their_seat_is_mi
     `customer_email`, and when her customer's e-mail changes Polar sends only
     `customer.updated`. It arrives while the first sync of her seat has read the old
     address: routed by the mirror's seats alone it would find nothing to sync."""
-    sim = SimulatedPolar(token=SIM_TOKEN, seed=21, member_model=False)
-    await sim.start()
-    settings = make_settings(database_url, sim, polar_webhook_secret=sim.webhooks.secret)
-    try:
-        async with running(settings, redis_url=redis_url) as url:
-            sim.webhooks.configure(url=url)
-            sub_id = sim.state.create_subscription(seats=2)["id"]
-            seat = sim.state.assign(subscription_id=sub_id, email="lee@example.com")
-            await sim.webhooks.flush()
-            hold = sim.hold_list_seats(30, snapshot="before", container_id=sub_id, times=1)
-            worker = asyncio.create_task(run_worker_until_idle(settings, redis_url))
-            await hold.wait_entered()
-            sim.state.update_customer_email(seat["customer_id"], "lee.new@example.com")
-            await sim.webhooks.flush()
-            sim.release_hold()
-            await worker
-            await run_worker_until_idle(settings, redis_url)  # whatever the webhook asked for
-    finally:
-        await sim.stop()
+    async with SimulatedPolar(token=SIM_TOKEN, seed=21, member_model=False) as sim:
+        settings = make_settings(database_url, sim, polar_webhook_secret=sim.webhooks.secret)
+        seat = await change_during_first_sync(
+            sim,
+            settings,
+            redis_url,
+            "lee@example.com",
+            lambda seat: sim.state.update_customer_email(
+                seat["customer_id"], "lee.new@example.com"
+            ),
+        )
 
     mirror = await Mirror.load(settings.database_url)
     [row] = [s for s in mirror.seats if s.id == seat["id"]]

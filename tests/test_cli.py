@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import SIM_TOKEN
+from tests.support.settings import SIM_TOKEN
 from worker.polar.client import CustomerSeat
 from worker.simulator.server import SimulatedPolar
 

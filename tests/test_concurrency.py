@@ -9,7 +9,6 @@ import asyncio
 import random
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -17,18 +16,19 @@ import pytest
 from sqlalchemy import select
 from sqlmodel import col
 
-from tests.conftest import SIM_TOKEN, WEBHOOK_SECRET, make_settings
-from tests.processes import (
+from tests.support.polar_signing import polar_headers
+from tests.support.ports import free_port
+from tests.support.processes import (
     LONG,
     Database,
-    eventually,
+    converged,
     fleet,
-    free_port,
     integrity,
-    mirror_differences,
     process_env,
 )
-from tests.support.polar_signing import polar_signature_header
+from tests.support.settings import SIM_TOKEN, WEBHOOK_SECRET, make_settings
+from tests.support.simulated import polar_from_the_past
+from tests.support.waiting import eventually
 from worker.models import InvitationReminder, SyncRun, WebhookDelivery
 from worker.resources import Services
 from worker.simulator.server import SimulatedPolar
@@ -41,38 +41,15 @@ SEATS_PER_SCOPE = 16 if LONG else 8
 
 
 @pytest.fixture
-async def db(database_url: str) -> AsyncIterator[Database]:
-    opened = Database(database_url)
-    try:
-        yield opened
-    finally:
-        await opened.close()
-
-
-@pytest.fixture
 async def chaotic_sim() -> AsyncIterator[SimulatedPolar]:
     """Deliveries overlap (random delays), arrive out of order, and some twice."""
     chaos = DeliveryChaos(duplicate_probability=0.1, delay_range=(0.0, 0.5))
     # This test is about concurrent writers, not the rate budget (tests/test_budget.py): a
     # 429 would end a sync_run as failed and hide the database errors this test looks for.
-    polar = SimulatedPolar(token=SIM_TOKEN, seed=4242, webhook_chaos=chaos, rate_limit=100_000)
-    await polar.start()
-    try:
+    async with SimulatedPolar(
+        token=SIM_TOKEN, seed=4242, webhook_chaos=chaos, rate_limit=100_000
+    ) as polar:
         yield polar
-    finally:
-        await polar.stop()
-
-
-def signed(body: bytes, webhook_id: str) -> dict[str, str]:
-    stamp = str(int(datetime.now(UTC).timestamp()))
-    return {
-        "webhook-id": webhook_id,
-        "webhook-timestamp": stamp,
-        "webhook-signature": polar_signature_header(
-            WEBHOOK_SECRET, "standard", webhook_id, stamp, body
-        ),
-        "content-type": "application/json",
-    }
 
 
 class RoundRobin(httpx.AsyncBaseTransport):
@@ -141,7 +118,9 @@ async def test_four_workers_and_two_webs_under_a_burst_lose_nothing_and_duplicat
                         client.post(
                             f"http://127.0.0.1:{port}/webhooks/polar",
                             content=body,
-                            headers=signed(body, webhook_id),
+                            headers=polar_headers(
+                                WEBHOOK_SECRET, "standard", body, webhook_id=webhook_id
+                            ),
                         )
                         for port in ports
                     )
@@ -151,13 +130,12 @@ async def test_four_workers_and_two_webs_under_a_burst_lose_nothing_and_duplicat
             raced = await asyncio.gather(*(race(i, b) for i, b in racing))
             await sim.webhooks.flush(120)
 
-            async def converged() -> bool:
-                return (
-                    not await mirror_differences(db, sim)
-                    and (await integrity(db)).open_deliveries == 0
-                )
-
-            await eventually(converged, within=90, every=0.5, what="mirror == Polar, inbox empty")
+            await eventually(
+                lambda: converged(db, sim),
+                within=90,
+                every=0.5,
+                what="mirror == Polar, inbox empty",
+            )
             problems = procs.problems()
 
         delivered_seat_events = sum(1 for d in sim.webhooks.deliveries.values() if "seat" in d.type)
@@ -181,13 +159,8 @@ async def test_four_workers_and_two_webs_under_a_burst_lose_nothing_and_duplicat
 
 @pytest.fixture
 async def past_sim() -> AsyncIterator[SimulatedPolar]:
-    start = datetime.now(UTC) - timedelta(hours=30)
-    polar = SimulatedPolar(token=SIM_TOKEN, seed=11, clock=lambda: start)
-    await polar.start()
-    try:
+    async with polar_from_the_past(seed=11) as polar:
         yield polar
-    finally:
-        await polar.stop()
 
 
 async def test_reminders_run_from_several_processes_at_once_resend_each_invitation_once(

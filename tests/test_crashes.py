@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,19 +22,22 @@ from arq.connections import create_pool
 from sqlalchemy import select
 from sqlmodel import col
 
-from tests.conftest import SIM_TOKEN, WEBHOOK_SECRET, make_settings, run_worker_until_idle
-from tests.processes import (
+from tests.support.netfaults import TcpProxy
+from tests.support.polar_signing import polar_headers
+from tests.support.ports import free_port
+from tests.support.processes import (
     LONG,
     Database,
-    TcpProxy,
-    eventually,
+    converged,
     fleet,
-    free_port,
     integrity,
     mirror_differences,
     process_env,
 )
-from tests.support.polar_signing import polar_headers
+from tests.support.settings import WEBHOOK_SECRET, make_settings
+from tests.support.simulated import polar_from_the_past
+from tests.support.waiting import eventually
+from tests.support.workers import run_worker_until_idle
 from worker import queue
 from worker.config import Settings
 from worker.intake.receiver import running
@@ -60,24 +63,9 @@ SEATS_PATH = "/v1/customer-seats"
 
 
 @pytest.fixture
-async def db(database_url: str) -> AsyncIterator[Database]:
-    opened = Database(database_url)
-    try:
-        yield opened
-    finally:
-        await opened.close()
-
-
-@pytest.fixture
 async def past_sim() -> AsyncIterator[SimulatedPolar]:
-    """A simulator whose clock starts 30 h ago, so invitations can be made to expire."""
-    start = datetime.now(UTC) - timedelta(hours=30)
-    polar = SimulatedPolar(token=SIM_TOKEN, seed=7, clock=lambda: start)
-    await polar.start()
-    try:
+    async with polar_from_the_past(seed=7) as polar:
         yield polar
-    finally:
-        await polar.stop()
 
 
 async def mirror_scope(services_settings: Settings, redis_url: str, *scopes: str) -> None:
@@ -88,10 +76,6 @@ async def mirror_scope(services_settings: Settings, redis_url: str, *scopes: str
             await sync_scope(services, kind="subscription", scope_id=scope_id)
     finally:
         await services.close()
-
-
-async def converged(db: Database, sim: SimulatedPolar) -> bool:
-    return not await mirror_differences(db, sim) and (await integrity(db)).open_deliveries == 0
 
 
 def seat_lists(sim: SimulatedPolar) -> int:
@@ -404,7 +388,7 @@ async def test_a_web_process_killed_between_commit_and_answer_stores_the_deliver
     [event] = [e for e in sim.state.drain_outbox() if e.type == "customer_seat.assigned"]
     body, webhook_id = envelope_bytes(event), f"msg_{uuid.uuid4().hex}"
     redis_db = redis_url.rsplit("/", 1)[1]
-    proxy = TcpProxy([("127.0.0.1", int(redis_url.split(":")[2].split("/")[0]))])
+    proxy = TcpProxy("127.0.0.1", int(redis_url.split(":")[2].split("/")[0]))
     await proxy.start()
     port = free_port()
     url = f"http://127.0.0.1:{port}/webhooks/polar"

@@ -15,13 +15,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import hashlib
-import hmac
 import io
 import json
 import os
 import time
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -37,8 +34,10 @@ from sqlalchemy.engine import make_url
 from sqlmodel import col
 from typer.testing import CliRunner
 
-from tests.conftest import SIM_TOKEN, WEBHOOK_SECRET, make_settings, run_worker_until_idle
-from tests.netfaults import free_port
+from tests.support.polar_signing import polar_headers, polar_signature_header
+from tests.support.ports import free_port
+from tests.support.settings import SIM_TOKEN, WEBHOOK_SECRET, make_settings
+from tests.support.workers import run_worker_until_idle
 from tests.test_cli import SEAT_SYNC, env_for, seat_sync
 from worker.config import ConfigError, Settings, load_settings
 from worker.intake.receiver import MAX_BODY_BYTES, create_app, running
@@ -51,23 +50,11 @@ FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "120"))
 ANSWERS = {200, 202, 400, 403, 413}  # with the database up: never 5xx
 
 
-def oracle_signature(secret: str, webhook_id: str, timestamp: str, body: bytes) -> str:
-    """Polar's scheme, written out independently of worker.intake.receiver.sign."""
-    mac = hmac.new(secret.encode(), f"{webhook_id}.{timestamp}.".encode() + body, hashlib.sha256)
-    return base64.b64encode(mac.digest()).decode()
-
-
-def signed(
-    body: bytes, *, webhook_id: str | None = None, stamp: int | None = None
-) -> dict[str, str]:
-    webhook_id = webhook_id or f"msg_{uuid.uuid4().hex}"
-    ts = str(int(time.time()) if stamp is None else stamp)
-    return {
-        "webhook-id": webhook_id,
-        "webhook-timestamp": ts,
-        "webhook-signature": "v1," + oracle_signature(WEBHOOK_SECRET, webhook_id, ts, body),
-        "content-type": "application/json",
-    }
+def signed(body: bytes, *, stamp: int | None = None) -> dict[str, str]:
+    """The headers of one delivery of `body` as Polar signs it. The fuzz signs with the
+    legacy key (the secret's own bytes), which exists for any secret string, made-up
+    ones included; the receiver accepts both keys."""
+    return polar_headers(WEBHOOK_SECRET, "legacy", body, timestamp=stamp)
 
 
 async def stored_ids(database_url: str) -> list[str]:
@@ -145,8 +132,8 @@ def requests(draw: st.DrawFn) -> tuple[bytes, list[tuple[bytes, bytes]], bool]:
             }[k]
         )
     )
-    good = "v1," + oracle_signature(WEBHOOK_SECRET, webhook_id, stamp, body)
-    other_body = "v1," + oracle_signature(WEBHOOK_SECRET, webhook_id, stamp, body + b" ")
+    good = polar_signature_header(WEBHOOK_SECRET, "legacy", webhook_id, stamp, body)
+    other_body = polar_signature_header(WEBHOOK_SECRET, "legacy", webhook_id, stamp, body + b" ")
     mode = draw(
         st.sampled_from(
             [
@@ -166,7 +153,7 @@ def requests(draw: st.DrawFn) -> tuple[bytes, list[tuple[bytes, bytes]], bool]:
         "valid": good,
         "replayed_other_body": other_body,
         "tampered": good[:-6] + ("AAAA==" if not good.endswith("AAAA==") else "BBBB=="),
-        "wrong_secret": "v1," + oracle_signature("whsec_other", webhook_id, stamp, body),
+        "wrong_secret": polar_signature_header("whsec_other", "legacy", webhook_id, stamp, body),
         "garbage": draw(st.text(alphabet="v1,= +/abcXYZ0123456789", max_size=120)),
         "several": f"v1,{base64.b64encode(b'x' * 32).decode()} {good} v1,zz",
         "v2": good.replace("v1,", "v2,"),

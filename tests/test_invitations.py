@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from tests.conftest import SIM_TOKEN, make_settings
+from tests.support.settings import SIM_TOKEN, make_settings
 from worker.models import InvitationReminder, InvitationRenewal
 from worker.resources import Services
 from worker.schedule import invitations

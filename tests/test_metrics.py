@@ -11,7 +11,8 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
-from tests.conftest import SIM_TOKEN, WEBHOOK_SECRET, run_worker_until_idle
+from tests.support.settings import SIM_TOKEN, WEBHOOK_SECRET
+from tests.support.workers import run_worker_until_idle
 from tests.test_webhooks import envelope, signed_headers
 from worker.config import Settings
 from worker.intake.receiver import running

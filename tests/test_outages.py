@@ -5,7 +5,7 @@ up, 503 while it is down, never a 500), and retries follow the backoff instead o
 CI runs each outage for OUTAGE_SECONDS (default 3 s); the issue's durations on demand:
 `OUTAGE_SECONDS=30` (Redis, database) and `POLAR_OUTAGE_SECONDS=120` (Polar answering 503).
 The shared Redis and PostgreSQL are never stopped: Redis outages use a private redis-server,
-database outages a cuttable TCP proxy in front of PostgreSQL (tests/netfaults.py).
+database outages a cuttable TCP proxy in front of PostgreSQL (tests/support/netfaults.py).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import contextlib
 import math
 import os
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -26,9 +25,10 @@ from sqlalchemy import select
 from sqlalchemy.engine import make_url
 from sqlmodel import col
 
-from tests.conftest import BACKENDS, make_settings
-from tests.netfaults import CuttableProxy, PrivateRedis
-from tests.test_coalescing import inbox_counts, mirror_view, polar_view, secret_of
+from tests.support.netfaults import PrivateRedis, TcpProxy
+from tests.support.settings import BACKENDS, make_settings, secret_of
+from tests.support.waiting import eventually
+from tests.test_coalescing import inbox_counts, mirror_view, polar_view
 from worker import queue
 from worker.config import Settings
 from worker.intake.receiver import running
@@ -69,14 +69,6 @@ class BackgroundWorker:
         else:  # it died with its Redis; closing it again may fail the same way
             with contextlib.suppress(Exception):
                 await self.worker.close()
-
-
-async def until(check: Callable[[], Awaitable[bool]], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not await check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not reached within {within:.0f} s: {what}")
-        await asyncio.sleep(0.1)
 
 
 def converged(settings: Settings, sim: SimulatedPolar, scope_ids: list[str]) -> Any:
@@ -166,7 +158,9 @@ async def test_redis_outage_acknowledges_everything_and_the_sweep_mirrors_it(
             churn.next()
             workers.append(BackgroundWorker(settings, redis.url))
             await sim.webhooks.flush()
-            await until(converged(settings, sim, subs), 30, "mirror before the outage")
+            await eventually(
+                converged(settings, sim, subs), within=30, what="mirror before the outage"
+            )
             before_outage = len(sim.webhooks.attempts)
 
             await redis.stop()
@@ -181,7 +175,9 @@ async def test_redis_outage_acknowledges_everything_and_the_sweep_mirrors_it(
             if workers[0].died_of() is not None:
                 workers.append(BackgroundWorker(settings, redis.url))  # the supervisor's restart
             await enqueue_sweep(redis.url)
-            await until(converged(settings, sim, subs), 30 + OUTAGE_SECONDS, "mirror after")
+            await eventually(
+                converged(settings, sim, subs), within=30 + OUTAGE_SECONDS, what="mirror after"
+            )
     finally:
         try:
             for worker in workers:
@@ -222,7 +218,7 @@ async def test_database_outage_answers_503_then_retries_land_and_converge(
     (202), nothing acknowledged is lost, and the mirror converges."""
     direct = make_settings(database_url, sim)
     url = make_url(database_url)
-    proxy = CuttableProxy(url.host or "127.0.0.1", url.port or 5432)
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
     await proxy.start()
     proxied_url = url.set(port=proxy.port).render_as_string(hide_password=False)
     settings = make_settings(
@@ -243,7 +239,9 @@ async def test_database_outage_answers_503_then_retries_land_and_converge(
                 churn.next()
                 worker = BackgroundWorker(settings, redis_url)
                 await sim.webhooks.flush()
-                await until(converged(direct, sim, subs), 30, "mirror before the outage")
+                await eventually(
+                    converged(direct, sim, subs), within=30, what="mirror before the outage"
+                )
                 before_outage = len(sim.webhooks.attempts)
 
                 # A change whose webhook is lost: only the sync job requested below, which
@@ -263,8 +261,10 @@ async def test_database_outage_answers_503_then_retries_land_and_converge(
                 await proxy.restore()
 
                 await sim.webhooks.flush(max_wait=60 + OUTAGE_SECONDS)
-                await until(
-                    converged(direct, sim, [*subs, quiet]), 30 + 2 * OUTAGE_SECONDS, "mirror"
+                await eventually(
+                    converged(direct, sim, [*subs, quiet]),
+                    within=30 + 2 * OUTAGE_SECONDS,
+                    what="mirror",
                 )
     finally:
         if worker is not None:
@@ -328,7 +328,9 @@ async def test_polar_503_outage_backs_off_then_converges_without_a_storm(
                 churn.next()
             worker = BackgroundWorker(settings, redis_url)
             await sim.webhooks.flush()
-            await until(converged(settings, sim, subs), 30, "mirror before the outage")
+            await eventually(
+                converged(settings, sim, subs), within=30, what="mirror before the outage"
+            )
             enqueued.clear()
 
             outage = sim.add_fault(SEATS_PATH, status=503, times=None, method="GET")
@@ -344,7 +346,9 @@ async def test_polar_503_outage_backs_off_then_converges_without_a_storm(
                 len(enqueued),
             )
 
-            await until(converged(settings, sim, subs), 15 + 4 * seconds, "mirror after")
+            await eventually(
+                converged(settings, sim, subs), within=15 + 4 * seconds, what="mirror after"
+            )
     finally:
         mp.undo()
         if worker is not None:

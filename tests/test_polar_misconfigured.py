@@ -15,7 +15,8 @@ from pydantic import SecretStr
 from sqlalchemy import select
 from sqlmodel import col
 
-from tests.conftest import SIM_TOKEN, make_settings, run_worker_until_idle
+from tests.support.settings import SIM_TOKEN, make_settings
+from tests.support.workers import run_worker_until_idle
 from tests.test_cli import env_for, seat_sync
 from worker import queue
 from worker.models import Seat, SeatScope, SyncRun

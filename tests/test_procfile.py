@@ -14,7 +14,7 @@ import httpx
 from sqlalchemy import select
 from sqlmodel import col
 
-from tests.conftest import SIM_TOKEN, WEBHOOK_SECRET
+from tests.support.settings import SIM_TOKEN, WEBHOOK_SECRET
 from worker.models import Seat
 from worker.platform.db import create_engine, session_factory
 from worker.simulator.server import SimulatedPolar

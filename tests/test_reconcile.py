@@ -4,31 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import pytest
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
 
 from worker.models import Seat, SeatChange, SeatScope, seat_json
 from worker.platform.db import create_engine, retry_transaction, session_factory
-from worker.polar.client import CustomerSeat, SeatsList
+from worker.polar.schemas import CustomerSeat, SeatsList
 from worker.sync.reconcile import ReconcileResult, reconcile_scope
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 SUB = str(uuid.uuid4())
-
-
-@pytest.fixture
-async def sessions(database_url: str) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
-    engine = create_engine(database_url)
-    try:
-        yield session_factory(engine)
-    finally:
-        await engine.dispose()
 
 
 def seat(

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlmodel import col
 
-from tests.conftest import SIM_TOKEN, make_settings
+from tests.support.settings import SIM_TOKEN, make_settings
 from worker.models import Seat, SeatScope, SyncRun, seat_json, utcnow
 from worker.polar.client import CustomerSeat
 from worker.resources import Services

@@ -16,7 +16,8 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlmodel import col
 
-from tests.conftest import SIM_TOKEN, make_settings, run_worker_until_idle
+from tests.support.settings import SIM_TOKEN, make_settings
+from tests.support.workers import run_worker_until_idle
 from worker.intake.receiver import running
 from worker.intake.routing import RouteHint, ScopeRef, hint_for, route
 from worker.models import Seat, SyncRun, WebhookDelivery, utcnow

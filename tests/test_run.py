@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import SIM_TOKEN
+from tests.support.settings import SIM_TOKEN
 from worker.simulator.server import SimulatedPolar
 from worker.simulator.webhooks import SecretKind, new_webhook_secret
 

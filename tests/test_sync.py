@@ -10,7 +10,8 @@ from arq.connections import ArqRedis
 from sqlalchemy import select
 from sqlmodel import col
 
-from tests.conftest import make_settings, run_worker_until_idle
+from tests.support.settings import make_settings
+from tests.support.workers import run_worker_until_idle
 from worker import queue
 from worker.models import Seat, SeatChange, SeatScope, SyncRun, seat_json
 from worker.polar.client import AuthError, CustomerSeat, TransientError

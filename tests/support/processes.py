@@ -10,10 +10,9 @@ import itertools
 import json
 import os
 import signal
-import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -23,7 +22,7 @@ import httpx
 from sqlalchemy import func, select, text
 from sqlmodel import col
 
-from tests.conftest import SIM_TOKEN, WEBHOOK_SECRET
+from tests.support.settings import SIM_TOKEN, WEBHOOK_SECRET
 from worker.models import (
     Seat,
     SeatChange,
@@ -34,19 +33,13 @@ from worker.models import (
     utcnow,
 )
 from worker.platform.db import create_engine, session_factory
-from worker.polar.client import CustomerSeat
+from worker.polar.schemas import CustomerSeat
 from worker.simulator.server import SimulatedPolar
 
 SEAT_SYNC = str(Path(sys.executable).with_name("seat-sync"))
 # The long profile (LONG=1) runs bigger bursts and the slow scenarios.
 LONG = os.environ.get("SEAT_SYNC_LONG_TESTS", "") not in ("", "0")
 START_TIMEOUT = 60.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def process_env(
@@ -228,77 +221,6 @@ def problems(output: str) -> list[str]:
     return bad
 
 
-class TcpProxy:
-    """A loopback TCP proxy that can stop forwarding (a stalled dependency) and spread
-    connections round-robin over several targets (a load balancer)."""
-
-    def __init__(self, targets: list[tuple[str, int]]) -> None:
-        self.targets = targets
-        self.flowing = asyncio.Event()
-        self.flowing.set()
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._next = 0
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def start(self) -> int:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = int(self._server.sockets[0].getsockname()[1])
-        return self.port
-
-    def pause(self) -> None:
-        self.flowing.clear()
-
-    def resume(self) -> None:
-        self.flowing.set()
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        host, port = self.targets[self._next % len(self.targets)]
-        self._next += 1
-        try:
-            up_reader, up_writer = await asyncio.open_connection(host, port)
-        except OSError:
-            writer.close()
-            return
-        pumps = [
-            asyncio.create_task(self._pump(reader, up_writer)),
-            asyncio.create_task(self._pump(up_reader, writer)),
-        ]
-        for task in pumps:
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
-        for task in pumps:
-            task.cancel()
-        for stream in (writer, up_writer):
-            with contextlib.suppress(Exception):
-                stream.close()
-
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
-            while data := await reader.read(65536):
-                await self.flowing.wait()
-                writer.write(data)
-                await writer.drain()
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool]], *, within: float, what: str, every: float = 0.1
-) -> None:
-    deadline = time.monotonic() + within
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not reached within {within} s: {what}")
-        await asyncio.sleep(every)
-
-
 # ---------------------------------------------------------------------- the database
 
 
@@ -456,3 +378,8 @@ async def integrity(db: Database) -> Integrity:
         SyncRun, col(SyncRun.kind) == "full", col(SyncRun.finished_at).is_(None)
     )
     return report
+
+
+async def converged(db: Database, sim: SimulatedPolar) -> bool:
+    """The mirror equals Polar and every delivery in the inbox was answered."""
+    return not await mirror_differences(db, sim) and (await integrity(db)).open_deliveries == 0

@@ -1,5 +1,6 @@
-"""Outages on demand for tests: a TCP proxy that can be cut (a database that goes away) and a
-private redis-server that can be stopped and started again (never the shared servers)."""
+"""Outages on demand for tests: a TCP proxy that can stall (a hung dependency) or be cut (a
+database that goes away), and a private redis-server that can be stopped and started again
+(never the shared servers)."""
 
 from __future__ import annotations
 
@@ -7,29 +8,26 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import tempfile
 import time
 
 import redis.asyncio as aioredis
 
+from tests.support.ports import free_port
 from worker.platform.redis import redis_binary
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class CuttableProxy:
-    """Forwards 127.0.0.1:`port` to `target`. `cut()` drops every open connection and
-    refuses new ones (connection refused, as a stopped server does); `restore()` serves
-    again on the same port."""
+class TcpProxy:
+    """Forwards 127.0.0.1:`port` to `target`. `pause()` holds every byte in both
+    directions with the connections open (a stalled dependency) until `resume()`.
+    `cut()` drops every open connection and refuses new ones (connection refused, as a
+    stopped server does); `restore()` serves again on the same port."""
 
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
         self.port = free_port()
+        self.flowing = asyncio.Event()
+        self.flowing.set()
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._pipes: set[asyncio.Task[None]] = set()
@@ -65,16 +63,22 @@ class CuttableProxy:
                 self._writers.discard(w)
                 w.transport.abort()
 
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while data := await reader.read(65536):
+                await self.flowing.wait()
                 writer.write(data)
                 await writer.drain()
         except (OSError, asyncio.IncompleteReadError):
             pass
         finally:
             writer.transport.abort()
+
+    def pause(self) -> None:
+        self.flowing.clear()
+
+    def resume(self) -> None:
+        self.flowing.set()
 
     async def cut(self) -> None:
         """The server vanishes: open connections are reset, new ones refused."""

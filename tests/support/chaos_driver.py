@@ -32,7 +32,7 @@ from worker.models import (
     seat_json,
 )
 from worker.platform.db import create_engine, session_factory
-from worker.polar.client import CustomerSeat
+from worker.polar.schemas import CustomerSeat
 from worker.simulator.server import SimulatedPolar
 from worker.simulator.state import SimulatorError
 
