@@ -24,7 +24,7 @@ import asyncpg
 
 from bench.common import Figure, database, report, scalar
 from worker.platform.db import create_engine, session_factory, sqlite_path, transaction
-from worker.polar.client import SeatsList
+from worker.polar.schemas import SeatsList
 from worker.sync.reconcile import POLAR_COLUMNS, reconcile_scope, seat_row
 
 SHAPES = {"1x1000": (1, 1000), "100x100": (100, 100)}

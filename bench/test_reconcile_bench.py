@@ -18,7 +18,7 @@ import pytest
 from bench.reconcile import make_lists
 from worker.platform.db import create_engine, session_factory, transaction
 from worker.platform.migrate import upgrade
-from worker.polar.client import SeatsList
+from worker.polar.schemas import SeatsList
 from worker.sync.reconcile import reconcile_scope
 
 pytest.importorskip("pytest_benchmark")

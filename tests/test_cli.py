@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.settings import SIM_TOKEN
-from worker.polar.client import CustomerSeat
+from worker.polar.schemas import CustomerSeat
 from worker.simulator.server import SimulatedPolar
 
 SEAT_SYNC = str(Path(sys.executable).with_name("seat-sync"))

@@ -20,7 +20,8 @@ from tests.support.workers import run_worker_until_idle
 from tests.test_cli import env_for, seat_sync
 from worker import queue
 from worker.models import Seat, SeatScope, SyncRun
-from worker.polar.client import NotFoundError, PolarClient, PolarMisconfiguredError
+from worker.polar.client import PolarClient
+from worker.polar.errors import NotFoundError, PolarMisconfiguredError
 from worker.resources import Services
 from worker.simulator.server import SimulatedPolar
 from worker.sync.resync import resync_all

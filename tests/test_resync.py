@@ -13,7 +13,7 @@ from sqlmodel import col
 
 from tests.support.settings import SIM_TOKEN, make_settings
 from worker.models import Seat, SeatScope, SyncRun, seat_json, utcnow
-from worker.polar.client import CustomerSeat
+from worker.polar.schemas import CustomerSeat
 from worker.resources import Services
 from worker.simulator.server import SimulatedPolar
 from worker.sync.resync import PassBusyError, _sync_item, resync_all
@@ -98,6 +98,24 @@ async def test_full_resync_finds_every_seat_based_scope_across_pages(
         )
         assert big_sim.log.count(path_prefix="/v1/customer-seats") == len(expected)
         assert summary.api_calls == pages + len(expected)
+        await assert_mirror_equals_polar(services, big_sim)
+    finally:
+        await services.close()
+
+
+async def test_a_page_that_failed_is_asked_again_and_the_pages_after_it_are_found(
+    big_sim: SimulatedPolar, database_url: str, redis_url: str
+) -> None:
+    """Polar answers 503 to the second page of subscriptions, once: the pass asks for that
+    page again and still finds every scope, including those on the third page."""
+    big_sim.add_fault("/v1/subscriptions/?page=2&", status=503, times=1, method="GET")
+    services = await open_services(database_url, big_sim, redis_url, sync_retry_base_seconds=0.01)
+    try:
+        summary = await resync_all(services, trigger="cli", force=True)
+        assert summary is not None
+        assert summary.scopes == len(seat_based(big_sim))
+        listed = big_sim.log.select(method="GET", path_prefix="/v1/subscriptions")
+        assert [r.query["page"] for r in listed] == ["1", "2", "2", "3"]
         await assert_mirror_equals_polar(services, big_sim)
     finally:
         await services.close()

@@ -14,7 +14,8 @@ from tests.support.settings import make_settings
 from tests.support.workers import run_worker_until_idle
 from worker import queue
 from worker.models import Seat, SeatChange, SeatScope, SyncRun, seat_json
-from worker.polar.client import AuthError, CustomerSeat, TransientError
+from worker.polar.errors import AuthError, TransientError
+from worker.polar.schemas import CustomerSeat
 from worker.resources import Services
 from worker.simulator.server import SimulatedPolar
 from worker.sync.scope import sync_scope

@@ -28,7 +28,7 @@ from worker.platform import logs
 from worker.platform.db import is_sqlite, redacted, sqlite_path
 from worker.platform.migrate import SchemaBehindError, check_schema, upgrade
 from worker.platform.redis import EmbeddedRedis, ping, socket_url
-from worker.polar.client import CHECK_CONFIGURATION, AuthError, PolarError, RateLimitedError
+from worker.polar.errors import CHECK_CONFIGURATION, AuthError, PolarError, RateLimitedError
 from worker.resources import Services
 from worker.sync.reconcile import SeatDiff
 

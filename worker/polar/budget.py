@@ -13,7 +13,7 @@ import asyncio
 import uuid
 from typing import Any
 
-from worker.polar.client import Lane
+from worker.polar.errors import Lane
 
 KEY_LOG = "seat-sync:budget:log"
 KEY_WEBHOOK_LOG = "seat-sync:budget:log:webhook"

@@ -4,181 +4,38 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import Any, Generic, Literal, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import httpx
-from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
+from pydantic import BaseModel, SecretStr, ValidationError
 
 from worker.config import DEFAULT_POLAR_API_VERSION
 from worker.platform import metrics
+from worker.polar.errors import (
+    CHECK_CONFIGURATION,
+    AuthError,
+    InvalidRequestError,
+    Lane,
+    NotFoundError,
+    PolarError,
+    PolarMisconfiguredError,
+    RateLimitedError,
+    TransientError,
+)
+from worker.polar.schemas import (
+    CustomerSeat,
+    Order,
+    Page,
+    PolarModel,
+    SeatAssign,
+    SeatsList,
+    Subscription,
+)
 
 PAGE_LIMIT = 100
-# What every misconfiguration message ends with; `seat-sync status` looks for it.
-CHECK_CONFIGURATION = "check POLAR_API_URL and POLAR_API_VERSION"
-
-Lane = Literal["webhook", "reminder", "resync", "interactive"]
 M = TypeVar("M", bound=BaseModel)
-
-
-# --- errors -------------------------------------------------------------------------------
-
-
-class PolarError(Exception):
-    """Base of every classified Polar failure. Messages never contain the token."""
-
-    retryable = False
-
-    def __init__(self, message: str, *, status: int | None = None, error: str | None = None):
-        super().__init__(message)
-        self.status = status
-        self.error = error
-
-
-class RateLimitedError(PolarError):
-    """429: the organisation's budget is spent; wait `retry_after` seconds."""
-
-    retryable = True
-
-    def __init__(self, retry_after: float) -> None:
-        super().__init__(f"Polar rate limit reached; retry after {retry_after:g}s", status=429)
-        self.retry_after = retry_after
-
-
-class TransientError(PolarError):
-    """5xx, network failure or timeout: worth retrying with backoff."""
-
-    retryable = True
-
-
-class NotFoundError(PolarError):
-    """404 `ResourceNotFound`: Polar says the subscription, order or seat does not exist
-    (or is not ours). The only answer that means "gone"."""
-
-
-class PolarMisconfiguredError(PolarError):
-    """404 without an error code: Polar's router found no such route, which is what a wrong
-    POLAR_API_URL or an unknown or retired POLAR_API_VERSION gets. It says nothing about the
-    subscription or order asked for, and lasts until the configuration is fixed."""
-
-
-class AuthError(PolarError):
-    """401/403: bad token, missing scope, or seat-based pricing not enabled."""
-
-
-class InvalidRequestError(PolarError):
-    """400/422: Polar refused the request; `error` holds Polar's error class name."""
-
-
-# --- typed responses (Polar API 2026-04 and 2026-10: the same shapes) ---------------------
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-
-class Member(_Model):
-    id: str
-    created_at: datetime
-    modified_at: datetime | None = None
-    customer_id: str
-    email: str
-    name: str | None = None
-    external_id: str | None = None
-    role: str
-
-
-class CustomerSeat(_Model):
-    """Polar sends every key; nullable ones default to None so that a stand-in that omits
-    them still parses."""
-
-    id: str
-    created_at: datetime
-    modified_at: datetime | None = None
-    subscription_id: str | None = None
-    order_id: str | None = None
-    status: Literal["pending", "claimed", "revoked"]
-    customer_id: str | None = None
-    member_id: str | None = None
-    member: Member | None = None
-    email: str | None = None
-    customer_email: str | None = None
-    invitation_token_expires_at: datetime | None = None
-    claimed_at: datetime | None = None
-    revoked_at: datetime | None = None
-    seat_metadata: dict[str, Any] | None = None
-
-
-class SeatsList(_Model):
-    seats: list[CustomerSeat]
-    available_seats: int
-    total_seats: int
-
-
-class _Price(_Model):
-    amount_type: str | None = None
-
-
-class _PendingUpdate(_Model):
-    seats: int | None = None
-
-
-class Subscription(_Model):
-    id: str
-    status: str | None = None
-    seats: int | None = None
-    started_at: datetime | None = None
-    prices: list[_Price] = []
-    pending_update: _PendingUpdate | None = None
-
-    @property
-    def is_seat_based(self) -> bool:
-        return self.seats is not None or any(p.amount_type == "seat_based" for p in self.prices)
-
-
-class Order(_Model):
-    id: str
-    created_at: datetime | None = None
-    seats: int | None = None
-    subscription_id: str | None = None
-    billing_reason: str | None = None
-
-    @property
-    def is_seat_based(self) -> bool:
-        """A one-time order with a number of seats. An order of a subscription (its creation,
-        a renewal, a seat change) repeats the subscription's seats, which Polar lists under
-        the subscription, not under the order."""
-        return self.seats is not None and self.subscription_id is None
-
-
-class _Pagination(_Model):
-    total_count: int
-    max_page: int
-
-
-P = TypeVar("P", bound=_Model)
-
-
-class _Page(_Model, Generic[P]):
-    items: list[P]
-    pagination: _Pagination
-
-
-class SeatAssign(BaseModel):
-    """Body of POST /v1/customer-seats: one container, one recipient."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    subscription_id: str | None = None
-    order_id: str | None = None
-    email: str | None = None
-    member_id: str | None = None
-    external_member_id: str | None = None
-    customer_id: str | None = None
-    external_customer_id: str | None = None
-    metadata: dict[str, Any] | None = None
-    immediate_claim: bool = False
+P = TypeVar("P", bound=PolarModel)
 
 
 # --- rate budget hook ---------------------------------------------------------------------
@@ -441,57 +298,48 @@ class PolarClient:
         data = await self._request("POST", "/v1/customer-seats", what=what, lane=lane, body=body)
         return self._parse(CustomerSeat, data, what=what)
 
-    async def _pages(
+    async def _page(
         self,
         path: str,
-        sorting: str,
-        model: type[_Page[P]],
+        model: type[Page[P]],
+        *,
         noun: str,
-        start_page: int,
+        page: int,
+        sorting: str,
         lane: Lane,
         filters: dict[str, str] | None = None,
-    ) -> AsyncIterator[tuple[int, int, list[P]]]:
-        page = start_page
-        while True:
-            what = f"list {noun} page {page}"
-            data = await self._request(
-                "GET",
-                path,
-                what=what,
-                lane=lane,
-                params={**(filters or {}), "page": page, "limit": PAGE_LIMIT, "sorting": sorting},
-            )
-            parsed = self._parse(model, data, what=what)
-            yield page, parsed.pagination.max_page, parsed.items
-            if page >= parsed.pagination.max_page or not parsed.items:
-                return
-            page += 1
+    ) -> Page[P]:
+        what = f"list {noun} page {page}"
+        data = await self._request(
+            "GET",
+            path,
+            what=what,
+            lane=lane,
+            params={**(filters or {}), "page": page, "limit": PAGE_LIMIT, "sorting": sorting},
+        )
+        return self._parse(model, data, what=what)
 
-    def iter_subscriptions(
-        self, *, start_page: int = 1, lane: Lane = "resync"
-    ) -> AsyncIterator[tuple[int, int, list[Subscription]]]:
-        """Yield (page, max_page, items) oldest first: sorted by start, pages do not shift
-        while new subscriptions are created (Polar's default is newest first)."""
-        return self._pages(
+    async def subscriptions_page(self, page: int, *, lane: Lane = "resync") -> Page[Subscription]:
+        """One page of subscriptions, oldest first: sorted by start, pages do not shift while
+        new subscriptions are created (Polar's default is newest first)."""
+        return await self._page(
             "/v1/subscriptions/",
-            "started_at",
-            _Page[Subscription],
-            "subscriptions",
-            start_page,
-            lane,
+            Page[Subscription],
+            noun="subscriptions",
+            page=page,
+            sorting="started_at",
+            lane=lane,
         )
 
-    def iter_orders(
-        self, *, start_page: int = 1, lane: Lane = "resync"
-    ) -> AsyncIterator[tuple[int, int, list[Order]]]:
-        """Yield (page, max_page, items) of one-time orders, oldest first. Orders of
-        subscriptions are left out: their seats belong to the subscription."""
-        return self._pages(
+    async def orders_page(self, page: int, *, lane: Lane = "resync") -> Page[Order]:
+        """One page of one-time orders, oldest first. Orders of subscriptions are left out:
+        their seats belong to the subscription."""
+        return await self._page(
             "/v1/orders/",
-            "created_at",
-            _Page[Order],
-            "orders",
-            start_page,
-            lane,
+            Page[Order],
+            noun="orders",
+            page=page,
+            sorting="created_at",
+            lane=lane,
             filters={"product_billing_type": "one_time"},
         )

@@ -22,7 +22,7 @@ from worker.models import Seat, SeatChange, seat_json
 from worker.platform.db import create_engine, session_factory
 from worker.platform.migrate import upgrade
 from worker.platform.redis import EmbeddedRedis
-from worker.polar.client import CustomerSeat
+from worker.polar.schemas import CustomerSeat
 from worker.schedule.jobs import build_worker
 
 DEMO_TOKEN = "polar_oat_simulated"

@@ -31,7 +31,8 @@ from sqlmodel import SQLModel, col
 from worker import queue
 from worker.models import InvitationReminder, InvitationRenewal, Seat, utcnow
 from worker.platform.db import retry_transaction
-from worker.polar.client import InvalidRequestError, PolarError, RateLimitedError, SeatAssign
+from worker.polar.errors import InvalidRequestError, PolarError, RateLimitedError
+from worker.polar.schemas import SeatAssign
 from worker.resources import Services
 
 log = structlog.get_logger("worker.schedule.invitations")

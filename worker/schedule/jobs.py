@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 from datetime import timedelta
 from typing import Any
 
@@ -19,7 +18,8 @@ from worker.config import Settings
 from worker.intake import inbox
 from worker.platform.db import is_retryable_db_error
 from worker.platform.migrate import check_schema
-from worker.polar.client import AuthError, PolarMisconfiguredError, RateLimitedError, TransientError
+from worker.polar.errors import AuthError, PolarMisconfiguredError, RateLimitedError
+from worker.polar.retry import TRANSIENT, backoff, retry_delay
 from worker.query import gauges
 from worker.resources import Services
 from worker.schedule import invitations
@@ -40,12 +40,6 @@ SYNC_TIMEOUT_S = 120
 STALE_RUN = timedelta(seconds=SYNC_TIMEOUT_S * 5)
 
 
-def backoff_seconds(job_try: int, *, base: float = 1.0, cap: float = 120.0) -> float:
-    """Exponential backoff with jitter: 1-2 s, 2-4 s, 4-8 s ... (times `base`) up to `cap`."""
-    delay = min(cap, base * 2.0 ** max(0, job_try - 1))
-    return delay + random.uniform(0, delay)
-
-
 async def sync_scope(ctx: Ctx, *, kind: str, scope_id: str, trigger: str = "webhook") -> str:
     """Mirror one subscription or order from Polar's authoritative list."""
     services: Services = ctx["services"]
@@ -64,12 +58,13 @@ async def sync_scope(ctx: Ctx, *, kind: str, scope_id: str, trigger: str = "webh
             lane="webhook",
             job_id=ctx.get("job_id"),
         )
-    except RateLimitedError as exc:
-        bound.warning("sync_rate_limited", retry_after=exc.retry_after)
-        raise Retry(defer=exc.retry_after + random.uniform(0, 2)) from None
-    except TransientError as exc:
-        defer = backoff_seconds(job_try, base=services.settings.sync_retry_base_seconds)
-        bound.warning("sync_retry", error=str(exc), defer=round(defer, 2))
+    except TRANSIENT as exc:
+        defer = retry_delay(exc, job_try, base=services.settings.sync_retry_base_seconds)
+        assert defer is not None
+        if isinstance(exc, RateLimitedError):
+            bound.warning("sync_rate_limited", retry_after=exc.retry_after, defer=round(defer, 2))
+        else:
+            bound.warning("sync_retry", error=str(exc), defer=round(defer, 2))
         raise Retry(defer=defer) from None
     except AuthError as exc:
         bound.error("sync_auth_failed", error=str(exc))
@@ -81,7 +76,7 @@ async def sync_scope(ctx: Ctx, *, kind: str, scope_id: str, trigger: str = "webh
     except (OperationalError, DBAPIError, OSError) as exc:
         if not is_retryable_db_error(exc) and not isinstance(exc, OSError):
             raise
-        defer = backoff_seconds(job_try, base=services.settings.sync_retry_base_seconds)
+        defer = backoff(job_try, base=services.settings.sync_retry_base_seconds)
         bound.warning("sync_db_unavailable", error=type(exc).__name__, defer=round(defer, 2))
         raise Retry(defer=defer) from None
     return outcome.status

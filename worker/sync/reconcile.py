@@ -19,7 +19,7 @@ from sqlmodel import col
 from worker.intake import inbox
 from worker.models import Seat, SeatChange, SeatScope
 from worker.platform.db import insert_ignoring_conflict
-from worker.polar.client import CustomerSeat, SeatsList
+from worker.polar.schemas import CustomerSeat, SeatsList
 
 # Columns Polar owns; `synced_at` and `gone_at` are ours.
 POLAR_COLUMNS = (

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import structlog
 from sqlalchemy import func, select, update
@@ -26,7 +27,9 @@ from sqlmodel import col
 
 from worker.models import ResyncItem, SeatScope, SyncRun, utcnow
 from worker.platform.db import insert_ignoring_conflict, retry_transaction
-from worker.polar.client import AuthError, PolarError, PolarMisconfiguredError, RateLimitedError
+from worker.polar.errors import AuthError, Lane, PolarError, PolarMisconfiguredError
+from worker.polar.retry import call_with_retries
+from worker.polar.schemas import Page
 from worker.resources import Services
 from worker.sync import scope as sync
 
@@ -34,9 +37,27 @@ log = structlog.get_logger("worker.sync.resync")
 
 LOCK_KEY = "seat-sync:lock:resync-all"
 LOCK_TTL_MS = 15_000  # refreshed every TTL/4: a killed pass frees the lock quickly
+# Attempts of one scope (or one page of discovery) before the pass records it as failed.
 ITEM_TRIES = 4
 
 Progress = Callable[[int, int], None]
+T = TypeVar("T")
+
+
+class PageLister(Protocol):
+    def __call__(self, page: int, *, lane: Lane) -> Awaitable[Page[Any]]: ...
+
+
+class _Counted(Generic[T]):
+    """A call that counts how often it was made: every attempt spends from Polar's budget."""
+
+    def __init__(self, call: Callable[[], Awaitable[T]]) -> None:
+        self._call = call
+        self.made = 0
+
+    async def __call__(self) -> T:
+        self.made += 1
+        return await self._call()
 
 
 @dataclass
@@ -148,20 +169,6 @@ async def _open_or_resume(
     return await retry_transaction(services.sessions, work)
 
 
-async def _call_with_patience(make_call: Callable[[], Any], what: str) -> Any:
-    """Retry a discovery call through 429s and transient failures (not auth errors)."""
-    for attempt in range(1, ITEM_TRIES + 1):
-        try:
-            return await make_call()
-        except RateLimitedError as exc:
-            await asyncio.sleep(exc.retry_after)
-        except PolarError as exc:
-            if not exc.retryable or attempt == ITEM_TRIES:
-                raise
-            await asyncio.sleep(min(30.0, 2.0**attempt))
-    raise PolarError(f"{what}: gave up after {ITEM_TRIES} attempts")
-
-
 async def _discover(services: Services, run: SyncRun) -> None:
     """Walk the subscription and order lists (oldest first), page by page, resumably."""
     assert run.id is not None
@@ -169,18 +176,24 @@ async def _discover(services: Services, run: SyncRun) -> None:
     progress: dict[str, Any] = json.loads(run.progress or "{}")
     if progress.get("discovered"):
         return
-    for kind, lister in (("subscription", polar.iter_subscriptions), ("order", polar.iter_orders)):
+    listers: tuple[tuple[str, PageLister], ...] = (
+        ("subscription", polar.subscriptions_page),
+        ("order", polar.orders_page),
+    )
+    for kind, lister in listers:
         key = f"{kind}s_page"
-        pages = lister(start_page=int(progress.get(key, 1)), lane="resync")
+        page = int(progress.get(key, 1))
         while True:
-            try:
-                page_result = await _call_with_patience(pages.__anext__, f"list {kind}s")
-            except StopAsyncIteration:
-                break
-            page, _max_page, items = page_result
-            found = [(kind, item.id) for item in items if item.is_seat_based]
+            fetch = _Counted(functools.partial(lister, page, lane="resync"))
+            listed = await call_with_retries(
+                fetch, attempts=ITEM_TRIES, base=services.settings.sync_retry_base_seconds
+            )
+            found = [(kind, item.id) for item in listed.items if item.is_seat_based]
             progress[key] = page + 1
-            await _add_items(services, run.id, found, progress, calls=1)
+            await _add_items(services, run.id, found, progress, calls=fetch.made)
+            if page >= listed.pagination.max_page or not listed.items:
+                break
+            page += 1
     known = await _known_scopes(services)
     progress["discovered"] = True
     await _add_items(services, run.id, known, progress, calls=0)
@@ -209,26 +222,21 @@ async def _sync_item(
         and scope.last_synced_at >= run.started_at
     ):
         return "skipped", 0, 0  # a webhook-driven sync already did it during this pass
-    calls = 0
-    for attempt in range(1, ITEM_TRIES + 1):
-        calls += 1
-        try:
-            outcome = await sync.sync_scope(
-                services, kind=kind, scope_id=scope_id, trigger="resync", lane="resync"
-            )
-        except (AuthError, PolarMisconfiguredError):
-            raise  # no scope can sync until the token or configuration is fixed: stop the pass
-        except RateLimitedError as exc:
-            await asyncio.sleep(exc.retry_after)
-            continue
-        except PolarError as exc:
-            if not exc.retryable or attempt == ITEM_TRIES:
-                return "failed", calls, 0
-            await asyncio.sleep(min(30.0, 2.0**attempt * services.settings.sync_retry_base_seconds))
-            continue
-        changed = outcome.result.written if outcome.result is not None else 0
-        return outcome.status, calls, changed
-    return "failed", calls, 0
+    attempt = _Counted(
+        functools.partial(
+            sync.sync_scope, services, kind=kind, scope_id=scope_id, trigger="resync", lane="resync"
+        )
+    )
+    try:
+        outcome = await call_with_retries(
+            attempt, attempts=ITEM_TRIES, base=services.settings.sync_retry_base_seconds
+        )
+    except (AuthError, PolarMisconfiguredError):
+        raise  # no scope can sync until the token or configuration is fixed: stop the pass
+    except PolarError:
+        return "failed", attempt.made, 0
+    changed = outcome.result.written if outcome.result is not None else 0
+    return outcome.status, attempt.made, changed
 
 
 async def _finish_item(

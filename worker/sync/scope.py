@@ -15,7 +15,8 @@ from sqlmodel import col
 from worker.models import SyncRun, utcnow
 from worker.platform import metrics
 from worker.platform.db import retry_transaction
-from worker.polar.client import Lane, NotFoundError, PolarError, PolarMisconfiguredError, SeatsList
+from worker.polar.errors import Lane, NotFoundError, PolarError, PolarMisconfiguredError
+from worker.polar.schemas import SeatsList
 from worker.resources import Services
 from worker.sync.reconcile import ReconcileResult, mark_scope_gone, reconcile_scope, record_failure
 

@@ -12,7 +12,8 @@ from sqlmodel import col
 
 from worker.models import Seat, SeatScope, utcnow
 from worker.platform.db import retry_transaction
-from worker.polar.client import NotFoundError, SeatsList
+from worker.polar.errors import NotFoundError
+from worker.polar.schemas import SeatsList
 from worker.resources import Services
 from worker.sync.reconcile import POLAR_COLUMNS, reconcile_scope, seat_row
 
