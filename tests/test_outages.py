@@ -34,6 +34,7 @@ from worker.config import Settings
 from worker.intake.receiver import running
 from worker.models import WebhookDelivery
 from worker.platform.db import create_engine, session_factory
+from worker.process.supervise import keep_worker_running
 from worker.schedule.jobs import build_worker
 from worker.simulator.server import SimulatedPolar
 
@@ -363,12 +364,10 @@ async def test_worker_process_loop_survives_redis_loss(
 ) -> None:
     """`seat-sync worker`'s loop rebuilds the arq worker once Redis is back; without it the
     process would exit and wait on its supervisor's restart backoff."""
-    from worker.cli.app import _keep_worker_running
-
     redis = PrivateRedis()
     await redis.start()
     runner = asyncio.create_task(
-        _keep_worker_running(
+        keep_worker_running(
             lambda: build_worker(settings, redis.url, handle_signals=False, cron_jobs=False),
             max_delay=0.5,
         )
