@@ -5,6 +5,7 @@ Helpers that tests import live in `tests/support/`."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import uuid
@@ -108,11 +109,8 @@ def sessions(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
 @pytest.fixture
 async def db(database_url: str) -> AsyncIterator[Database]:
     """The test's own view of the mirror that `seat-sync` processes write."""
-    opened = Database(database_url)
-    try:
+    async with contextlib.aclosing(Database(database_url)) as opened:
         yield opened
-    finally:
-        await opened.close()
 
 
 @pytest.fixture

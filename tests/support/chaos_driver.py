@@ -252,26 +252,23 @@ class Storm:
         return f"{seat['id'][:8]} revoked, then " + self._assign_in(kind, scope_id, self._email())
 
     def change_email(self) -> str:
-        live = self._seats("pending", "claimed")
-        if not live:
-            return "nothing live"
-        member_id = self.rng.choice(live)["member_id"]
-        self._renamed += 1
-        email = f"renamed{self._renamed}@example.com"
-        self.sim.state.update_member_email(member_id, email)
-        return f"member {member_id[:8]} is now {email}"
+        return self._rename("member", "renamed", self.sim.state.update_member_email)
 
     def change_customer_email(self) -> str:
         """Polar rewrites `customer_email` on the customer's live seats and sends only
         `customer.updated` (no seat webhook)."""
+        return self._rename("customer", "billing", self.sim.state.update_customer_email)
+
+    def _rename(self, holder: str, prefix: str, update: Callable[[str, str], object]) -> str:
+        """A new address for the member or customer holding a random live seat."""
         live = self._seats("pending", "claimed")
         if not live:
             return "nothing live"
-        customer_id = self.rng.choice(live)["customer_id"]
+        holder_id = self.rng.choice(live)[f"{holder}_id"]
         self._renamed += 1
-        email = f"billing{self._renamed}@example.com"
-        self.sim.state.update_customer_email(customer_id, email)
-        return f"customer {customer_id[:8]} is now {email}"
+        email = f"{prefix}{self._renamed}@example.com"
+        update(holder_id, email)
+        return f"{holder} {holder_id[:8]} is now {email}"
 
     def change_seat_count(self) -> str:
         if not self.subscriptions:

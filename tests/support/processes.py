@@ -12,7 +12,6 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -183,7 +182,7 @@ class Fleet:
     def command(self, env: dict[str, str], *args: str, name: str = "cli") -> Process:
         return self._process(name, list(args), env)
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         await asyncio.gather(*(p.stop(within=10) for p in self.processes if p.running))
 
     def problems(self) -> list[str]:
@@ -193,13 +192,9 @@ class Fleet:
         return found
 
 
-@contextlib.asynccontextmanager
-async def fleet(directory: Path) -> AsyncIterator[Fleet]:
-    started = Fleet(directory)
-    try:
-        yield started
-    finally:
-        await started.close()
+def fleet(directory: Path) -> contextlib.aclosing[Fleet]:
+    """`async with fleet(tmp_path) as procs`: every process started is stopped at the end."""
+    return contextlib.aclosing(Fleet(directory))
 
 
 def problems(output: str) -> list[str]:
@@ -232,7 +227,7 @@ class Database:
         self.engine = create_engine(url)
         self.sessions = session_factory(self.engine)
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         await self.engine.dispose()
 
     async def scalar(self, query: Any) -> Any:
