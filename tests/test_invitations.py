@@ -12,7 +12,7 @@ from sqlalchemy import select
 
 from tests.support.settings import SIM_TOKEN, make_settings
 from worker.models import InvitationReminder, InvitationRenewal
-from worker.resources import Services
+from worker.resources import Resources, WorkerResources
 from worker.schedule import invitations
 from worker.simulator.server import SimulatedPolar
 from worker.sync.scope import sync_scope
@@ -51,11 +51,11 @@ async def legacy_sim() -> AsyncIterator[SimulatedPolar]:
 
 @pytest.fixture
 async def services_for(database_url: str, redis_url: str) -> AsyncIterator[Any]:
-    opened: list[Services] = []
+    opened: list[WorkerResources] = []
 
-    async def factory(sim: SimulatedPolar, **extra: Any) -> Services:
+    async def factory(sim: SimulatedPolar, **extra: Any) -> WorkerResources:
         extra.setdefault("remind_spread_seconds", 0.0)
-        services = await Services.start(
+        services = await WorkerResources.create(
             make_settings(database_url, sim, **extra), redis_url=redis_url
         )
         opened.append(services)
@@ -63,7 +63,7 @@ async def services_for(database_url: str, redis_url: str) -> AsyncIterator[Any]:
 
     yield factory
     for s in opened:
-        await s.close()
+        await s.aclose()
 
 
 def scenario(sim: SimulatedPolar) -> dict[str, Any]:
@@ -93,7 +93,7 @@ def scenario(sim: SimulatedPolar) -> dict[str, Any]:
     }
 
 
-async def reminders(services: Services) -> list[InvitationReminder]:
+async def reminders(services: Resources) -> list[InvitationReminder]:
     async with services.sessions() as session:
         return list((await session.execute(select(InvitationReminder))).scalars())
 
@@ -102,8 +102,8 @@ async def test_exactly_one_reminder_per_invitation_across_workers_and_runs(
     past_sim: SimulatedPolar, services_for: Any
 ) -> None:
     seats = scenario(past_sim)
-    a: Services = await services_for(past_sim)
-    b: Services = await services_for(past_sim)
+    a: WorkerResources = await services_for(past_sim)
+    b: WorkerResources = await services_for(past_sim)
     await sync_scope(a, kind="subscription", scope_id=seats["sub"])
     plan = await invitations.remind_expiring(a, dry_run=True)
     assert [p.seat_id for p in plan.planned] == [seats["expiring"]["id"]]
@@ -127,12 +127,11 @@ async def test_claimed_meanwhile_is_recorded_and_resynced(
     past_sim: SimulatedPolar, services_for: Any
 ) -> None:
     seats = scenario(past_sim)
-    services: Services = await services_for(past_sim)
+    services: WorkerResources = await services_for(past_sim)
     await sync_scope(services, kind="subscription", scope_id=seats["sub"])
     past_sim.state.claim(seats["expiring"]["id"])  # the mirror still says pending
     report = await invitations.remind_expiring(services)
     assert report.outcomes == {"not_pending": 1}
-    assert services.redis is not None
     assert await services.redis.zcard("seat-sync:queue") == 1  # a sync of the scope was queued
     await invitations.remind_expiring(services)
     assert [r.outcome for r in await reminders(services)] == ["not_pending"]
@@ -142,7 +141,7 @@ async def test_invalid_token_is_recorded_and_not_retried(
     past_sim: SimulatedPolar, services_for: Any
 ) -> None:
     seats = scenario(past_sim)
-    services: Services = await services_for(past_sim)
+    services: WorkerResources = await services_for(past_sim)
     await sync_scope(services, kind="subscription", scope_id=seats["sub"])
     past_sim.state.drop_invitation_token(seats["expiring"]["id"])
     assert (await invitations.remind_expiring(services)).outcomes == {"invalid_token": 1}
@@ -155,7 +154,7 @@ async def test_crash_between_call_and_record_never_sends_twice(
     past_sim: SimulatedPolar, services_for: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seats = scenario(past_sim)
-    services: Services = await services_for(past_sim)
+    services: WorkerResources = await services_for(past_sim)
     await sync_scope(services, kind="subscription", scope_id=seats["sub"])
 
     async def crash(*_args: Any, **_kwargs: Any) -> None:
@@ -185,7 +184,7 @@ def pending_for(sim: SimulatedPolar, sub_id: str, email: str) -> list[dict[str, 
     ]
 
 
-async def renewals(services: Services) -> list[InvitationRenewal]:
+async def renewals(services: Resources) -> list[InvitationRenewal]:
     async with services.sessions() as session:
         return list((await session.execute(select(InvitationRenewal))).scalars())
 
@@ -194,7 +193,7 @@ async def test_expired_invitee_gets_one_fresh_invitation(
     past_sim: SimulatedPolar, services_for: Any
 ) -> None:
     seats = scenario(past_sim)
-    services: Services = await services_for(past_sim, renew_expired_invitations=True)
+    services: WorkerResources = await services_for(past_sim, renew_expired_invitations=True)
     await sync_scope(services, kind="subscription", scope_id=seats["sub"])
     plan = await invitations.renew_expired(services, dry_run=True)
     assert [p.recipient for p in plan.planned] == ["late@example.com"]
@@ -216,9 +215,9 @@ async def test_crash_between_revoke_and_assign_is_recovered(
     past_sim: SimulatedPolar, services_for: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seats = scenario(past_sim)
-    services: Services = await services_for(past_sim, renew_expired_invitations=True)
+    services: WorkerResources = await services_for(past_sim, renew_expired_invitations=True)
     await sync_scope(services, kind="subscription", scope_id=seats["sub"])
-    polar = services.require_polar()
+    polar = services.polar
     real_assign = polar.assign
 
     async def die(*_args: Any, **_kwargs: Any) -> Any:
@@ -244,11 +243,11 @@ async def test_crash_after_assign_before_record_does_not_assign_twice(
     past_sim: SimulatedPolar, services_for: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seats = scenario(past_sim)
-    services: Services = await services_for(past_sim, renew_expired_invitations=True)
+    services: WorkerResources = await services_for(past_sim, renew_expired_invitations=True)
     await sync_scope(services, kind="subscription", scope_id=seats["sub"])
     real_set = invitations._set_renewal
 
-    async def crash_on_assigned(svc: Services, row_id: int, **values: Any) -> None:
+    async def crash_on_assigned(svc: Resources, row_id: int, **values: Any) -> None:
         if values.get("state") == "assigned":
             raise Crash
         await real_set(svc, row_id, **values)
@@ -256,7 +255,6 @@ async def test_crash_after_assign_before_record_does_not_assign_twice(
     monkeypatch.setattr(invitations, "_set_renewal", crash_on_assigned)
     with pytest.raises(Crash):
         await invitations.renew_expired(services)
-    assert services.redis is not None
     assert await services.redis.zcard("seat-sync:queue") == 0  # died before asking a sync
     monkeypatch.setattr(invitations, "_set_renewal", real_set)
     await invitations.renew_expired(services)
@@ -273,7 +271,7 @@ async def test_a_renewal_deferred_by_a_polar_error_still_has_the_scope_synced(
 ) -> None:
     """The revoke went through, the assign failed: Polar's seats changed all the same."""
     seats = scenario(past_sim)
-    services: Services = await services_for(past_sim, renew_expired_invitations=True)
+    services: WorkerResources = await services_for(past_sim, renew_expired_invitations=True)
     await sync_scope(services, kind="subscription", scope_id=seats["sub"])
     past_sim.add_fault("/v1/customer-seats", status=503, method="POST", times=None)
     report = await invitations.renew_expired(services)
@@ -281,7 +279,6 @@ async def test_a_renewal_deferred_by_a_polar_error_still_has_the_scope_synced(
     assert past_sim.state.get_seat(seats["expired"]["id"])["status"] == "revoked"
     [row] = await renewals(services)
     assert row.state == "revoked"
-    assert services.redis is not None
     assert await services.redis.zcard("seat-sync:queue") == 1
 
 
@@ -292,9 +289,9 @@ async def test_slot_taken_between_revoke_and_assign_is_reported(
     sub = state.create_subscription(seats=1)
     state.assign(subscription_id=sub["id"], email="late@example.com")
     state.advance(30 * HOUR)
-    services: Services = await services_for(past_sim, renew_expired_invitations=True)
+    services: WorkerResources = await services_for(past_sim, renew_expired_invitations=True)
     await sync_scope(services, kind="subscription", scope_id=sub["id"])
-    polar = services.require_polar()
+    polar = services.polar
     real_revoke = polar.revoke
 
     async def revoke_then_someone_takes_it(seat_id: str, **kwargs: Any) -> Any:
@@ -325,8 +322,8 @@ async def test_a_legacy_organisation_seat_gets_exactly_one_reminder(
     seat = state.assign(subscription_id=sub_id, email="lee@example.com")
     state.advance(20 * HOUR)  # its invitation expires in 4 h: inside the 6 h window
     assert address_of(seat) == (None, "lee@example.com")
-    a: Services = await services_for(legacy_sim)
-    b: Services = await services_for(legacy_sim)
+    a: WorkerResources = await services_for(legacy_sim)
+    b: WorkerResources = await services_for(legacy_sim)
     await sync_scope(a, kind="subscription", scope_id=sub_id)
 
     await asyncio.gather(invitations.remind_expiring(a), invitations.remind_expiring(b))
@@ -346,7 +343,7 @@ async def test_a_legacy_organisation_expired_invitation_is_renewed_to_its_custom
     seat = state.assign(subscription_id=sub_id, email="lee@example.com")
     state.advance(30 * HOUR)  # its invitation expired 6 h ago
     assert address_of(seat) == (None, "lee@example.com")
-    services: Services = await services_for(legacy_sim, renew_expired_invitations=True)
+    services: WorkerResources = await services_for(legacy_sim, renew_expired_invitations=True)
     await sync_scope(services, kind="subscription", scope_id=sub_id)
 
     report = await invitations.renew_expired(services)

@@ -22,7 +22,7 @@ from worker import queue
 from worker.models import Seat, SeatScope, SyncRun
 from worker.polar.client import PolarClient
 from worker.polar.errors import NotFoundError, PolarMisconfiguredError
-from worker.resources import Services
+from worker.resources import PolarResources, WorkerResources
 from worker.simulator.server import SimulatedPolar
 from worker.sync.resync import resync_all
 from worker.sync.scope import sync_scope
@@ -41,13 +41,13 @@ def populated(sim: SimulatedPolar) -> str:
     return str(sub["id"])
 
 
-async def snapshot(services: Services) -> dict[str, tuple[str, str | None, object]]:
+async def snapshot(services: PolarResources) -> dict[str, tuple[str, str | None, object]]:
     async with services.sessions() as session:
         seats = (await session.execute(select(Seat))).scalars().all()
     return {s.id: (s.status, s.email, s.gone_at) for s in seats}
 
 
-async def scope_row(services: Services, kind: str, scope_id: str) -> SeatScope:
+async def scope_row(services: PolarResources, kind: str, scope_id: str) -> SeatScope:
     async with services.sessions() as session:
         scope = await session.get(SeatScope, (kind, scope_id))
     assert scope is not None
@@ -61,18 +61,18 @@ def misconfigured_total() -> float:
 @pytest.fixture
 async def wrong_url(
     sim: SimulatedPolar, database_url: str, redis_url: str
-) -> AsyncIterator[Services]:
-    """Services whose POLAR_API_URL has a wrong base path: every call reaches no route."""
+) -> AsyncIterator[WorkerResources]:
+    """Resources whose POLAR_API_URL has a wrong base path: every call reaches no route."""
     settings = make_settings(database_url, sim, polar_api_url=sim.base_url + "/wrong")
-    started = await Services.start(settings, redis_url=redis_url)
+    started = await WorkerResources.create(settings, redis_url=redis_url)
     try:
         yield started
     finally:
-        await started.close()
+        await started.aclose()
 
 
 async def test_wrong_base_url_keeps_the_scope_and_its_seats(
-    sim: SimulatedPolar, services: Services, wrong_url: Services
+    sim: SimulatedPolar, services: PolarResources, wrong_url: PolarResources
 ) -> None:
     sub_id = populated(sim)
     await sync_scope(services, kind="subscription", scope_id=sub_id)
@@ -95,7 +95,7 @@ async def test_wrong_base_url_keeps_the_scope_and_its_seats(
 
 @pytest.mark.parametrize("body", BARE_404_BODIES, ids=["json", "text"])
 async def test_any_404_without_an_error_code_is_a_misconfiguration(
-    sim: SimulatedPolar, services: Services, body: str | dict[str, Any]
+    sim: SimulatedPolar, services: PolarResources, body: str | dict[str, Any]
 ) -> None:
     sub_id = populated(sim)
     await sync_scope(services, kind="subscription", scope_id=sub_id)
@@ -110,7 +110,7 @@ async def test_any_404_without_an_error_code_is_a_misconfiguration(
 
 
 async def test_unknown_api_version_is_a_misconfiguration(
-    sim: SimulatedPolar, services: Services
+    sim: SimulatedPolar, services: PolarResources
 ) -> None:
     sub_id = populated(sim)
     await sync_scope(services, kind="subscription", scope_id=sub_id)
@@ -129,7 +129,7 @@ async def test_unknown_api_version_is_a_misconfiguration(
 
 
 async def test_polar_saying_resource_not_found_still_marks_the_scope_gone(
-    sim: SimulatedPolar, services: Services
+    sim: SimulatedPolar, services: PolarResources
 ) -> None:
     sub_id = populated(sim)
     await sync_scope(services, kind="subscription", scope_id=sub_id)
@@ -137,7 +137,7 @@ async def test_polar_saying_resource_not_found_still_marks_the_scope_gone(
     sim.state._containers.pop(sub_id)  # Polar no longer knows it
 
     with pytest.raises(NotFoundError) as info:
-        await services.require_polar().list_seats(subscription_id=sub_id)
+        await services.polar.list_seats(subscription_id=sub_id)
     assert info.value.error == "ResourceNotFound"
     outcome = await sync_scope(services, kind="subscription", scope_id=sub_id)
 
@@ -148,7 +148,7 @@ async def test_polar_saying_resource_not_found_still_marks_the_scope_gone(
 
 
 async def test_metric_counts_each_misconfigured_answer(
-    sim: SimulatedPolar, wrong_url: Services
+    sim: SimulatedPolar, wrong_url: PolarResources
 ) -> None:
     sub_id = populated(sim)
     before = misconfigured_total()
@@ -164,9 +164,8 @@ async def test_job_does_not_retry_a_misconfiguration(
     sub_id = populated(sim)
     sim.add_fault("/v1/customer-seats", status=404, body={"detail": "Not Found"}, times=None)
     settings = make_settings(database_url, sim, sync_retry_base_seconds=0.01)
-    services = await Services.start(settings, redis_url=redis_url)
+    services = await WorkerResources.create(settings, redis_url=redis_url)
     try:
-        assert services.redis is not None
         assert await queue.request_sync(services.redis, "subscription", sub_id)
         worker = await run_worker_until_idle(settings, redis_url)
         assert (worker.jobs_failed, worker.jobs_retried) == (1, 0)
@@ -174,11 +173,11 @@ async def test_job_does_not_retry_a_misconfiguration(
         scope = await scope_row(services, "subscription", sub_id)
         assert scope.gone_at is None and HINT in (scope.last_error or "")
     finally:
-        await services.close()
+        await services.aclose()
 
 
 async def test_full_resync_stops_without_marking_anything_gone(
-    sim: SimulatedPolar, services: Services
+    sim: SimulatedPolar, services: PolarResources
 ) -> None:
     ids = [populated(sim) for _ in range(6)]
     first = await resync_all(services, trigger="cli", force=True)
@@ -213,7 +212,7 @@ async def test_full_resync_stops_without_marking_anything_gone(
 
 
 async def test_full_resync_against_a_wrong_url_stops_at_discovery(
-    sim: SimulatedPolar, services: Services, wrong_url: Services
+    sim: SimulatedPolar, services: PolarResources, wrong_url: PolarResources
 ) -> None:
     sub_id = populated(sim)
     await sync_scope(services, kind="subscription", scope_id=sub_id)
@@ -283,10 +282,10 @@ async def test_the_configured_api_version_is_sent(
     settings = make_settings(
         database_url, sim, polar_api_url=sim.base_url + "/wrong", polar_api_version="2026-04"
     )
-    services = await Services.start(settings, redis_url=redis_url)
+    services = await WorkerResources.create(settings, redis_url=redis_url)
     try:
         # The message names the request as it left, Polar-Version header included.
         with pytest.raises(PolarMisconfiguredError, match=r"\(Polar-Version 2026-04\)"):
-            await services.require_polar().list_seats(subscription_id=populated(sim))
+            await services.polar.list_seats(subscription_id=populated(sim))
     finally:
-        await services.close()
+        await services.aclose()

@@ -14,7 +14,7 @@ from sqlmodel import col
 from tests.support.settings import SIM_TOKEN, make_settings
 from worker.models import Seat, SeatScope, SyncRun, seat_json, utcnow
 from worker.polar.schemas import CustomerSeat
-from worker.resources import Services
+from worker.resources import PolarResources, WorkerResources
 from worker.simulator.server import SimulatedPolar
 from worker.sync.resync import PassBusyError, _sync_item, resync_all
 from worker.sync.scope import sync_scope
@@ -58,7 +58,7 @@ def seat_based(sim: SimulatedPolar) -> set[tuple[str, str]]:
     return subs | orders
 
 
-async def assert_mirror_equals_polar(services: Services, sim: SimulatedPolar) -> None:
+async def assert_mirror_equals_polar(services: PolarResources, sim: SimulatedPolar) -> None:
     expected: dict[str, dict[str, object]] = {}
     for kind, scope_id in seat_based(sim):
         key = "subscription_id" if kind == "subscription" else "order_id"
@@ -72,8 +72,10 @@ async def assert_mirror_equals_polar(services: Services, sim: SimulatedPolar) ->
 
 async def open_services(
     database_url: str, sim: SimulatedPolar, redis_url: str, **extra: object
-) -> Services:
-    return await Services.start(make_settings(database_url, sim, **extra), redis_url=redis_url)
+) -> WorkerResources:
+    return await WorkerResources.create(
+        make_settings(database_url, sim, **extra), redis_url=redis_url
+    )
 
 
 async def test_full_resync_finds_every_seat_based_scope_across_pages(
@@ -100,7 +102,7 @@ async def test_full_resync_finds_every_seat_based_scope_across_pages(
         assert summary.api_calls == pages + len(expected)
         await assert_mirror_equals_polar(services, big_sim)
     finally:
-        await services.close()
+        await services.aclose()
 
 
 async def test_a_page_that_failed_is_asked_again_and_the_pages_after_it_are_found(
@@ -118,10 +120,10 @@ async def test_a_page_that_failed_is_asked_again_and_the_pages_after_it_are_foun
         assert [r.query["page"] for r in listed] == ["1", "2", "2", "3"]
         await assert_mirror_equals_polar(services, big_sim)
     finally:
-        await services.close()
+        await services.aclose()
 
 
-async def scopes_after_a_pass(services: Services) -> set[tuple[str, str]]:
+async def scopes_after_a_pass(services: PolarResources) -> set[tuple[str, str]]:
     summary = await resync_all(services, trigger="cli", force=True)
     assert summary is not None and summary.failed == 0
     async with services.sessions() as session:
@@ -129,7 +131,7 @@ async def scopes_after_a_pass(services: Services) -> set[tuple[str, str]]:
 
 
 async def test_discovery_asks_only_for_one_time_orders(
-    sim: SimulatedPolar, services: Services
+    sim: SimulatedPolar, services: PolarResources
 ) -> None:
     # A seat-based subscription's first order repeats its `seats`; the seats themselves are
     # listed under the subscription.
@@ -149,7 +151,7 @@ async def test_discovery_asks_only_for_one_time_orders(
 
 
 async def test_discovery_skips_a_listed_order_that_belongs_to_a_subscription(
-    sim: SimulatedPolar, services: Services
+    sim: SimulatedPolar, services: PolarResources
 ) -> None:
     sub = sim.state.create_subscription(seats=3)
     # However the list is filtered, an order with a subscription is the subscription's.
@@ -190,7 +192,7 @@ async def test_full_resync_repairs_dropped_webhooks_and_marks_gone_scopes(
         assert gone is not None and gone.gone_at is not None
         await assert_mirror_equals_polar(services, big_sim)
     finally:
-        await services.close()
+        await services.aclose()
 
 
 async def test_killed_pass_resumes_instead_of_starting_over(
@@ -231,7 +233,7 @@ async def test_killed_pass_resumes_instead_of_starting_over(
         assert [(r.status, r.finished_at is not None) for r in runs] == [("ok", True)]
         await assert_mirror_equals_polar(services, big_sim)
     finally:
-        await services.close()
+        await services.aclose()
 
 
 async def test_pass_is_not_repeated_before_its_interval(
@@ -242,7 +244,7 @@ async def test_pass_is_not_repeated_before_its_interval(
         assert await resync_all(services, trigger="cron") is not None
         assert await resync_all(services, trigger="cron") is None
     finally:
-        await services.close()
+        await services.aclose()
 
 
 async def test_only_one_pass_runs_across_the_fleet(
@@ -260,12 +262,12 @@ async def test_only_one_pass_runs_across_the_fleet(
             await resync_all(b, force=True)
         assert await task is not None
     finally:
-        await a.close()
-        await b.close()
+        await a.aclose()
+        await b.aclose()
 
 
 async def test_scope_synced_during_the_pass_is_skipped(
-    sim: SimulatedPolar, services: Services
+    sim: SimulatedPolar, services: PolarResources
 ) -> None:
     sub = sim.state.create_subscription(seats=2)
     pass_run = SyncRun(kind="full", started_at=utcnow() - timedelta(seconds=1), id=1)
@@ -303,5 +305,5 @@ async def test_two_workers_share_one_budget_without_429(
             ).scalar_one()
         assert count == len(seat_based(big_sim))
     finally:
-        await a.close()
-        await b.close()
+        await a.aclose()
+        await b.aclose()

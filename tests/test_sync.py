@@ -16,7 +16,7 @@ from worker import queue
 from worker.models import Seat, SeatChange, SeatScope, SyncRun, seat_json
 from worker.polar.errors import AuthError, TransientError
 from worker.polar.schemas import CustomerSeat
-from worker.resources import Services
+from worker.resources import PolarResources, WorkerResources
 from worker.simulator.server import SimulatedPolar
 from worker.sync.scope import sync_scope
 
@@ -26,7 +26,7 @@ def normalised(seat: dict[str, Any]) -> dict[str, Any]:
     return CustomerSeat.model_validate(seat).model_dump(mode="json")
 
 
-async def mirror(services: Services) -> dict[str, Seat]:
+async def mirror(services: PolarResources) -> dict[str, Seat]:
     async with services.sessions() as session:
         return {s.id: s for s in (await session.execute(select(Seat))).scalars()}
 
@@ -42,7 +42,7 @@ def populated(sim: SimulatedPolar) -> str:
 
 
 async def test_sync_mirrors_every_key_and_second_run_writes_nothing(
-    sim: SimulatedPolar, services: Services
+    sim: SimulatedPolar, services: PolarResources
 ) -> None:
     sub_id = populated(sim)
     first = await sync_scope(services, kind="subscription", scope_id=sub_id)
@@ -64,7 +64,7 @@ async def test_sync_mirrors_every_key_and_second_run_writes_nothing(
     assert [r.status for r in runs] == ["ok", "ok"]
 
 
-async def test_order_scope_is_mirrored(sim: SimulatedPolar, services: Services) -> None:
+async def test_order_scope_is_mirrored(sim: SimulatedPolar, services: PolarResources) -> None:
     order = sim.state.create_order(seats=2)
     sim.state.assign(order_id=order["id"], email="olga@example.com")
     outcome = await sync_scope(services, kind="order", scope_id=order["id"])
@@ -74,7 +74,7 @@ async def test_order_scope_is_mirrored(sim: SimulatedPolar, services: Services) 
 
 
 async def test_unknown_scope_is_marked_gone_and_seats_stay(
-    sim: SimulatedPolar, services: Services
+    sim: SimulatedPolar, services: PolarResources
 ) -> None:
     sub_id = populated(sim)
     await sync_scope(services, kind="subscription", scope_id=sub_id)
@@ -93,7 +93,7 @@ async def test_bad_token_fails_loudly_naming_the_variable(
 ) -> None:
     sub_id = populated(sim)
     settings = make_settings(database_url, sim, polar_access_token="polar_oat_wrong")
-    services = await Services.start(settings, redis_url=redis_url)
+    services = await WorkerResources.create(settings, redis_url=redis_url)
     try:
         with pytest.raises(AuthError, match="POLAR_ACCESS_TOKEN") as info:
             await sync_scope(services, kind="subscription", scope_id=sub_id)
@@ -104,7 +104,7 @@ async def test_bad_token_fails_loudly_naming_the_variable(
         assert scope is not None and scope.consecutive_failures == 1
         assert run.status == "failed" and "401" in (run.error or "")
     finally:
-        await services.close()
+        await services.aclose()
 
 
 async def test_missing_read_scope_is_named(
@@ -113,15 +113,17 @@ async def test_missing_read_scope_is_named(
     sub_id = populated(sim)
     sim.add_token("polar_oat_writeonly", {"customer_seats:write"})
     settings = make_settings(database_url, sim, polar_access_token="polar_oat_writeonly")
-    services = await Services.start(settings, redis_url=redis_url)
+    services = await WorkerResources.create(settings, redis_url=redis_url)
     try:
         with pytest.raises(AuthError, match="customer_seats:read"):
             await sync_scope(services, kind="subscription", scope_id=sub_id)
     finally:
-        await services.close()
+        await services.aclose()
 
 
-async def test_disabled_seat_feature_is_named(sim: SimulatedPolar, services: Services) -> None:
+async def test_disabled_seat_feature_is_named(
+    sim: SimulatedPolar, services: PolarResources
+) -> None:
     sub_id = populated(sim)
     sim.state.seat_feature_enabled = False
     with pytest.raises(AuthError, match="FeatureNotEnabled"):
@@ -132,15 +134,15 @@ async def test_timeout_is_transient(sim: SimulatedPolar, database_url: str, redi
     sub_id = populated(sim)
     sim.add_fault("/v1/customer-seats", "hang", hang_seconds=5, times=1)
     settings = make_settings(database_url, sim, polar_timeout_seconds=0.5)
-    services = await Services.start(settings, redis_url=redis_url)
+    services = await WorkerResources.create(settings, redis_url=redis_url)
     try:
         with pytest.raises(TransientError, match="timed out"):
             await sync_scope(services, kind="subscription", scope_id=sub_id)
     finally:
-        await services.close()
+        await services.aclose()
 
 
-async def enqueue(services: Services, scope_id: str) -> None:
+async def enqueue(services: PolarResources, scope_id: str) -> None:
     assert isinstance(services.redis, ArqRedis)
     assert await queue.request_sync(services.redis, "subscription", scope_id)
 
@@ -151,7 +153,7 @@ async def test_job_retries_5xx_then_succeeds(
     sub_id = populated(sim)
     settings = make_settings(database_url, sim, sync_retry_base_seconds=0.05)
     sim.add_fault("/v1/customer-seats", status=503, body={"detail": "unavailable"}, times=2)
-    services = await Services.start(settings, redis_url=redis_url)
+    services = await WorkerResources.create(settings, redis_url=redis_url)
     try:
         await enqueue(services, sub_id)
         worker = await run_worker_until_idle(settings, redis_url)
@@ -159,7 +161,7 @@ async def test_job_retries_5xx_then_succeeds(
         assert len(await mirror(services)) == 3
         assert sim.log.count(method="GET", path_prefix="/v1/customer-seats") == 3
     finally:
-        await services.close()
+        await services.aclose()
 
 
 async def test_job_waits_out_a_429_then_succeeds(
@@ -168,7 +170,7 @@ async def test_job_waits_out_a_429_then_succeeds(
     sub_id = populated(sim)
     settings = make_settings(database_url, sim)
     sim.add_fault("/v1/customer-seats", status=429, body="", headers={"retry-after": "1"}, times=1)
-    services = await Services.start(settings, redis_url=redis_url)
+    services = await WorkerResources.create(settings, redis_url=redis_url)
     try:
         await enqueue(services, sub_id)
         started = time.monotonic()
@@ -178,7 +180,7 @@ async def test_job_waits_out_a_429_then_succeeds(
         assert len(await mirror(services)) == 3
         assert sim.log.count(path_prefix="/v1/customer-seats", status=429) == 1
     finally:
-        await services.close()
+        await services.aclose()
 
 
 async def test_job_with_bad_token_fails_without_retrying(
@@ -186,17 +188,19 @@ async def test_job_with_bad_token_fails_without_retrying(
 ) -> None:
     sub_id = populated(sim)
     settings = make_settings(database_url, sim, polar_access_token="polar_oat_wrong")
-    services = await Services.start(settings, redis_url=redis_url)
+    services = await WorkerResources.create(settings, redis_url=redis_url)
     try:
         await enqueue(services, sub_id)
         worker = await run_worker_until_idle(settings, redis_url)
         assert (worker.jobs_failed, worker.jobs_retried) == (1, 0)
         assert sim.log.count(path_prefix="/v1/customer-seats") == 1
     finally:
-        await services.close()
+        await services.aclose()
 
 
-async def test_history_lists_the_revoked_holder(sim: SimulatedPolar, services: Services) -> None:
+async def test_history_lists_the_revoked_holder(
+    sim: SimulatedPolar, services: PolarResources
+) -> None:
     sub = sim.state.create_subscription(seats=1)
     seat = sim.state.assign(subscription_id=sub["id"], email="zoe@example.com")
     sim.state.claim(seat["id"])
@@ -214,7 +218,7 @@ async def test_history_lists_the_revoked_holder(sim: SimulatedPolar, services: S
 
 
 async def test_without_the_member_model_history_names_the_customer_email(
-    sim: SimulatedPolar, services: Services
+    sim: SimulatedPolar, services: PolarResources
 ) -> None:
     # Without Polar's member model a seat's `email` is null: the holder's address is its
     # `customer_email`, and only the mirror remembers it once a revoke nulls the holder.

@@ -1,8 +1,18 @@
-"""The resources a process needs, built once at startup and closed at shutdown."""
+"""The resources a process needs, built once at startup by `create()` and closed by `aclose()`.
+
+One shape per kind of process, so that a function's signature says what it uses and nothing
+is looked up or checked at run time:
+
+- `Resources`: the settings and the database (opened read-only for queries);
+- `PolarResources`: adds the Polar client, for a command a person runs that calls Polar;
+- `WorkerResources`: the worker's, where Redis (the queue) and the fleet's rate budget
+  are always there.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import cast
 
 from arq.connections import ArqRedis, create_pool
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -13,15 +23,146 @@ from worker.polar.budget import RedisBudget
 from worker.polar.client import PolarClient
 from worker.queue import redis_settings
 
+# `create()` differs per variant, as __init__ may: each is built from what it needs, and
+# nothing builds a variant through its base class.
 
-@dataclass
-class Services:
+
+@dataclass(frozen=True, kw_only=True)
+class Resources:
+    """The settings and the database: all that a query, or a command that only writes the
+    database, needs."""
+
     settings: Settings
+    """The validated environment of this process."""
     engine: AsyncEngine
+    """The one engine (connection pool) of the process; disposed by `aclose()`."""
     sessions: async_sessionmaker[AsyncSession]
+    """Sessions on `engine`. The caller of a job, request or command owns the transaction."""
+
+    @classmethod
+    async def create(cls, settings: Settings, *, read_only: bool = False) -> Resources:
+        """`read_only`: the database refuses writes (queries, `seat-sync status`)."""
+        engine = create_engine(settings.database_url, read_only=read_only)
+        return cls(settings=settings, engine=engine, sessions=session_factory(engine))
+
+    async def aclose(self) -> None:
+        await self.engine.dispose()
+
+
+def _budget(settings: Settings, redis: ArqRedis) -> RedisBudget:
+    return RedisBudget(
+        redis,
+        settings.polar_requests_per_minute,
+        window_ms=int(settings.polar_rate_window_seconds * 1000),
+    )
+
+
+def _polar_client(settings: Settings, budget: RedisBudget | None) -> PolarClient:
+    return PolarClient(
+        settings.polar_api_url,
+        settings.require_token(),
+        timeout=settings.polar_timeout_seconds,
+        budget=budget,
+        api_version=settings.polar_api_version,
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class PolarResources(Resources):
+    """The database and Polar: what syncing, the full resync, reminders and verification use."""
+
+    polar: PolarClient
+    """The process's one Polar client; it spends from the fleet's budget when Redis is there."""
     redis: ArqRedis | None
-    budget: RedisBudget | None
-    polar: PolarClient | None
+    """The fleet's Redis. None only for a command run by hand where no Redis is configured
+    or running: then nothing is queued, the full-resync lock is not taken, and the rate
+    budget is this process's alone."""
+
+    @classmethod
+    async def create(  # type: ignore[override]
+        cls, settings: Settings, *, redis_url: str | None
+    ) -> PolarResources:
+        settings.require_token()  # fail before opening anything
+        engine = create_engine(settings.database_url)
+        redis: ArqRedis | None = None
+        try:
+            redis = await create_pool(redis_settings(redis_url)) if redis_url is not None else None
+            polar = _polar_client(settings, _budget(settings, redis) if redis else None)
+        except BaseException:
+            if redis is not None:
+                await redis.aclose()
+            await engine.dispose()
+            raise
+        return cls(
+            settings=settings,
+            engine=engine,
+            sessions=session_factory(engine),
+            polar=polar,
+            redis=redis,
+        )
+
+    async def aclose(self) -> None:
+        try:
+            await self.polar.aclose()
+            if self.redis is not None:
+                await self.redis.aclose()
+        finally:
+            await super().aclose()
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerResources(PolarResources):
+    """The worker's: jobs enqueue follow-ups, take fleet-wide locks and report the budget."""
+
+    redis: ArqRedis
+    """The queue's Redis, shared by the fleet (rate budget, locks, coalescing)."""
+    budget: RedisBudget
+    """The fleet's Polar request budget; `polar` spends from it on every call."""
+
+    @classmethod
+    async def create(  # type: ignore[override]
+        cls, settings: Settings, *, redis_url: str
+    ) -> WorkerResources:
+        settings.require_token()  # fail before opening anything
+        engine = create_engine(settings.database_url)
+        redis: ArqRedis | None = None
+        try:
+            redis = await create_pool(redis_settings(redis_url))
+            budget = _budget(settings, redis)
+            polar = _polar_client(settings, budget)
+        except BaseException:
+            if redis is not None:
+                await redis.aclose()
+            await engine.dispose()
+            raise
+        return cls(
+            settings=settings,
+            engine=engine,
+            sessions=session_factory(engine),
+            polar=polar,
+            redis=redis,
+            budget=budget,
+        )
+
+
+# ---------------------------------------------------------------------- compatibility
+# TEMPORARY: the old optional-field shape, for callers not yet converted (process/, query/,
+# tests/conftest.py and tests outside this change). Delete once they use the classes above.
+
+
+class _NoPolarClient:
+    """Stands for the Polar client of a process started without one (`polar=False`)."""
+
+    def __getattr__(self, name: str) -> object:
+        raise RuntimeError("this process was started without a Polar client")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Services(PolarResources):
+    """Deprecated: use Resources, PolarResources or WorkerResources."""
+
+    budget: RedisBudget | None = field(default=None)
+    has_polar: bool = True
 
     @classmethod
     async def start(
@@ -32,41 +173,44 @@ class Services:
         polar: bool = True,
         read_only: bool = False,
     ) -> Services:
+        token = settings.require_token() if polar else None
         engine = create_engine(settings.database_url, read_only=read_only)
         redis: ArqRedis | None = None
-        budget: RedisBudget | None = None
-        client: PolarClient | None = None
         try:
-            if redis_url is not None:
-                redis = await create_pool(redis_settings(redis_url))
-                budget = RedisBudget(
-                    redis,
-                    settings.polar_requests_per_minute,
-                    window_ms=int(settings.polar_rate_window_seconds * 1000),
-                )
-            if polar:
-                client = PolarClient(
-                    settings.polar_api_url,
-                    settings.require_token(),
-                    timeout=settings.polar_timeout_seconds,
-                    budget=budget,
-                    api_version=settings.polar_api_version,
-                )
+            redis = await create_pool(redis_settings(redis_url)) if redis_url is not None else None
         except BaseException:
             await engine.dispose()
-            if redis is not None:
-                await redis.aclose()
             raise
-        return cls(settings, engine, session_factory(engine), redis, budget, client)
+        budget = _budget(settings, redis) if redis is not None else None
+        client = (
+            _polar_client(settings, budget)
+            if token is not None
+            else cast(PolarClient, _NoPolarClient())
+        )
+        return cls(
+            settings=settings,
+            engine=engine,
+            sessions=session_factory(engine),
+            polar=client,
+            redis=redis,
+            budget=budget,
+            has_polar=token is not None,
+        )
 
     def require_polar(self) -> PolarClient:
-        if self.polar is None:
+        if not self.has_polar:
             raise RuntimeError("this process was started without a Polar client")
         return self.polar
 
+    async def aclose(self) -> None:
+        if self.has_polar:
+            await super().aclose()
+            return
+        try:
+            if self.redis is not None:
+                await self.redis.aclose()
+        finally:
+            await self.engine.dispose()
+
     async def close(self) -> None:
-        if self.polar is not None:
-            await self.polar.aclose()
-        if self.redis is not None:
-            await self.redis.aclose()
-        await self.engine.dispose()
+        await self.aclose()

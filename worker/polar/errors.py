@@ -15,9 +15,8 @@ CHECK_CONFIGURATION = "check POLAR_API_URL and POLAR_API_VERSION"
 
 
 class PolarError(Exception):
-    """Base of every classified Polar failure. Messages never contain the token."""
-
-    retryable = False  # kept until the CLI uses worker.polar.retry; is_transient decides
+    """Base of every classified Polar failure. Messages never contain the token. Which ones
+    are worth another try is decided in one place, `worker.polar.retry`."""
 
     def __init__(self, message: str, *, status: int | None = None, error: str | None = None):
         super().__init__(message)
@@ -28,8 +27,6 @@ class PolarError(Exception):
 class RateLimitedError(PolarError):
     """429: the organisation's budget is spent; wait `retry_after` seconds."""
 
-    retryable = True
-
     def __init__(self, retry_after: float) -> None:
         super().__init__(f"Polar rate limit reached; retry after {retry_after:g}s", status=429)
         self.retry_after = retry_after
@@ -37,8 +34,6 @@ class RateLimitedError(PolarError):
 
 class TransientError(PolarError):
     """5xx, network failure, timeout or a body that is not JSON: worth retrying with backoff."""
-
-    retryable = True
 
 
 class NotFoundError(PolarError):

@@ -33,7 +33,7 @@ from worker.models import InvitationReminder, InvitationRenewal, Seat, utcnow
 from worker.platform.db import retry_transaction
 from worker.polar.errors import InvalidRequestError, PolarError, RateLimitedError
 from worker.polar.schemas import SeatAssign
-from worker.resources import Services
+from worker.resources import PolarResources, Resources
 
 log = structlog.get_logger("worker.schedule.invitations")
 
@@ -84,10 +84,10 @@ _HAS_RECIPIENT = func.coalesce(
 # --- reminders ------------------------------------------------------------------------------
 
 
-async def plan_reminders(services: Services, *, now: datetime) -> list[Planned]:
+async def plan_reminders(resources: Resources, *, now: datetime) -> list[Planned]:
     """Pending seats whose invitation expires within the window, not yet reminded."""
-    window = timedelta(hours=services.settings.remind_window_hours)
-    async with services.sessions() as session:
+    window = timedelta(hours=resources.settings.remind_window_hours)
+    async with resources.sessions() as session:
         rows = await session.execute(
             select(Seat)
             .where(
@@ -122,7 +122,7 @@ async def plan_reminders(services: Services, *, now: datetime) -> list[Planned]:
 
 
 async def _claim(
-    services: Services, build: Callable[[AsyncSession], Awaitable[SQLModel]]
+    resources: Resources, build: Callable[[AsyncSession], Awaitable[SQLModel]]
 ) -> int | None:
     """Commit the row that claims an action; None when its unique key is already taken (by
     another worker, or an earlier run), so the action is never done twice."""
@@ -136,12 +136,12 @@ async def _claim(
         return row_id
 
     try:
-        return await retry_transaction(services.sessions, work)
+        return await retry_transaction(resources.sessions, work)
     except IntegrityError:
         return None
 
 
-async def _claim_reminder(services: Services, item: Planned) -> int | None:
+async def _claim_reminder(resources: Resources, item: Planned) -> int | None:
     """Insert the reminder row; None when another worker (or an earlier run) has it."""
 
     async def build(_session: AsyncSession) -> SQLModel:
@@ -155,11 +155,11 @@ async def _claim_reminder(services: Services, item: Planned) -> int | None:
             outcome="sending",
         )
 
-    return await _claim(services, build)
+    return await _claim(resources, build)
 
 
 async def _record_reminder(
-    services: Services, row_id: int, outcome: str, error: str | None
+    resources: Resources, row_id: int, outcome: str, error: str | None
 ) -> None:
     async def work(session: AsyncSession) -> None:
         row = await session.get(InvitationReminder, row_id)
@@ -169,10 +169,10 @@ async def _record_reminder(
             if outcome == "sent":
                 row.sent_at = utcnow()
 
-    await retry_transaction(services.sessions, work)
+    await retry_transaction(resources.sessions, work)
 
 
-async def _forget_claim(services: Services, row_id: int) -> None:
+async def _forget_claim(resources: Resources, row_id: int) -> None:
     """Only for calls Polar certainly did not process (429): the reminder may go out later."""
 
     async def work(session: AsyncSession) -> None:
@@ -180,10 +180,10 @@ async def _forget_claim(services: Services, row_id: int) -> None:
         if row is not None and row.outcome == "sending":
             await session.delete(row)
 
-    await retry_transaction(services.sessions, work)
+    await retry_transaction(resources.sessions, work)
 
 
-async def _expire_interrupted(services: Services, now: datetime) -> int:
+async def _expire_interrupted(resources: Resources, now: datetime) -> int:
     async def work(session: AsyncSession) -> int:
         rows = (
             (
@@ -204,27 +204,27 @@ async def _expire_interrupted(services: Services, now: datetime) -> int:
             )
         return len(rows)
 
-    return await retry_transaction(services.sessions, work)
+    return await retry_transaction(resources.sessions, work)
 
 
 async def remind_expiring(
-    services: Services, *, dry_run: bool = False, spread: float | None = None
+    resources: PolarResources, *, dry_run: bool = False, spread: float | None = None
 ) -> RunReport:
     """Resend each expiring invitation once. `spread` seconds (default from settings)
     spaces a batch out with jitter so a large batch does not burst."""
     now = utcnow()
     report = RunReport()
-    await _expire_interrupted(services, now)
-    report.planned = await plan_reminders(services, now=now)
+    await _expire_interrupted(resources, now)
+    report.planned = await plan_reminders(resources, now=now)
     if dry_run or not report.planned:
         return report
-    polar = services.require_polar()
-    total_spread = services.settings.remind_spread_seconds if spread is None else spread
+    polar = resources.polar
+    total_spread = resources.settings.remind_spread_seconds if spread is None else spread
     gap = total_spread / max(1, len(report.planned))
     for index, item in enumerate(report.planned):
         if index and gap > 0:
             await asyncio.sleep(gap * random.uniform(0.5, 1.5))
-        row_id = await _claim_reminder(services, item)
+        row_id = await _claim_reminder(resources, item)
         if row_id is None:
             report.count("already_claimed")
             continue
@@ -232,33 +232,33 @@ async def remind_expiring(
         try:
             await polar.resend(item.seat_id, lane="reminder")
         except RateLimitedError:
-            await _forget_claim(services, row_id)  # rejected before processing: safe to retry
+            await _forget_claim(resources, row_id)  # rejected before processing: safe to retry
             report.count("rate_limited")
             bound.warning("reminder_rate_limited")
             break
         except InvalidRequestError as exc:
             if exc.error == "SeatNotPending":
-                await _record_reminder(services, row_id, "not_pending", str(exc))
-                if services.redis is not None:
+                await _record_reminder(resources, row_id, "not_pending", str(exc))
+                if resources.redis is not None:
                     await queue.request_sync(
-                        services.redis, item.scope_kind, item.scope_id, trigger="reminder"
+                        resources.redis, item.scope_kind, item.scope_id, trigger="reminder"
                     )
                 report.count("not_pending")
             elif exc.error == "InvalidInvitationToken":
-                await _record_reminder(services, row_id, "invalid_token", str(exc))
+                await _record_reminder(resources, row_id, "invalid_token", str(exc))
                 report.count("invalid_token")
             else:
-                await _record_reminder(services, row_id, "failed", str(exc))
+                await _record_reminder(resources, row_id, "failed", str(exc))
                 report.count("failed")
             bound.info("reminder_refused", error=exc.error)
             continue
         except PolarError as exc:
             # 5xx or timeout: Polar may have sent it. Never risk a second e-mail.
-            await _record_reminder(services, row_id, "failed", str(exc))
+            await _record_reminder(resources, row_id, "failed", str(exc))
             report.count("failed")
             bound.warning("reminder_failed", error=str(exc))
             continue
-        await _record_reminder(services, row_id, "sent", None)
+        await _record_reminder(resources, row_id, "sent", None)
         report.count("sent")
         bound.info("reminder_sent")
     return report
@@ -267,10 +267,10 @@ async def remind_expiring(
 # --- renewal --------------------------------------------------------------------------------
 
 
-async def plan_renewals(services: Services, *, now: datetime) -> list[Planned]:
+async def plan_renewals(resources: Resources, *, now: datetime) -> list[Planned]:
     """Pending seats whose invitation has expired, with a recipient and renewals left."""
-    limit = services.settings.renew_max_per_recipient
-    async with services.sessions() as session:
+    limit = resources.settings.renew_max_per_recipient
+    async with resources.sessions() as session:
         rows = await session.execute(
             select(Seat).where(
                 col(Seat.status) == "pending",
@@ -305,7 +305,7 @@ async def plan_renewals(services: Services, *, now: datetime) -> list[Planned]:
     return planned
 
 
-async def _record_intent(services: Services, item: Planned) -> int | None:
+async def _record_intent(resources: Resources, item: Planned) -> int | None:
     async def build(session: AsyncSession) -> SQLModel:
         seat = await session.get(Seat, item.seat_id)
         now = utcnow()
@@ -321,10 +321,10 @@ async def _record_intent(services: Services, item: Planned) -> int | None:
             updated_at=now,
         )
 
-    return await _claim(services, build)
+    return await _claim(resources, build)
 
 
-async def _set_renewal(services: Services, row_id: int, **values: object) -> None:
+async def _set_renewal(resources: Resources, row_id: int, **values: object) -> None:
     async def work(session: AsyncSession) -> None:
         row = await session.get(InvitationRenewal, row_id)
         if row is None:
@@ -333,10 +333,12 @@ async def _set_renewal(services: Services, row_id: int, **values: object) -> Non
             setattr(row, key, value)
         row.updated_at = utcnow()
 
-    await retry_transaction(services.sessions, work)
+    await retry_transaction(resources.sessions, work)
 
 
-async def _advance_renewal(services: Services, row: InvitationRenewal, report: RunReport) -> None:
+async def _advance_renewal(
+    resources: PolarResources, row: InvitationRenewal, report: RunReport
+) -> None:
     """Carry one renewal from its recorded state to the end, then have the scope synced.
 
     Whatever the end state (assigned, resumed as already assigned, slot taken, failed, or
@@ -344,27 +346,27 @@ async def _advance_renewal(services: Services, row: InvitationRenewal, report: R
     seats may have changed: the mirror follows now rather than at the next full resync.
     """
     try:
-        await _revoke_then_assign(services, row, report)
+        await _revoke_then_assign(resources, row, report)
     except PolarError:
-        await _request_scope_sync(services, row)
+        await _request_scope_sync(resources, row)
         raise
-    await _request_scope_sync(services, row)
+    await _request_scope_sync(resources, row)
 
 
-async def _request_scope_sync(services: Services, row: InvitationRenewal) -> None:
-    if services.redis is not None:
-        await queue.request_sync(services.redis, row.scope_kind, row.scope_id, trigger="renewal")
+async def _request_scope_sync(resources: PolarResources, row: InvitationRenewal) -> None:
+    if resources.redis is not None:
+        await queue.request_sync(resources.redis, row.scope_kind, row.scope_id, trigger="renewal")
 
 
 async def _revoke_then_assign(
-    services: Services, row: InvitationRenewal, report: RunReport
+    resources: PolarResources, row: InvitationRenewal, report: RunReport
 ) -> None:
     assert row.id is not None
-    polar = services.require_polar()
+    polar = resources.polar
     bound = log.bind(renewal_id=row.id, seat_id=row.seat_id, scope_id=row.scope_id)
     if row.state == "intent":
         await polar.revoke(row.seat_id, lane="reminder")  # idempotent in Polar
-        await _set_renewal(services, row.id, state="revoked")
+        await _set_renewal(resources, row.id, state="revoked")
         row.state = "revoked"
         bound.info("renewal_revoked")
     if row.state != "revoked":
@@ -380,20 +382,20 @@ async def _revoke_then_assign(
     except InvalidRequestError as exc:
         if exc.error == "SeatAlreadyAssigned":
             # The assign went through before a crash: it is done, do not assign again.
-            await _set_renewal(services, row.id, state="assigned", error=None)
+            await _set_renewal(resources, row.id, state="assigned", error=None)
             report.count("assigned")
             bound.info("renewal_already_assigned")
         elif exc.error == "SeatNotAvailable":
-            await _set_renewal(services, row.id, state="slot_taken", error=str(exc))
+            await _set_renewal(resources, row.id, state="slot_taken", error=str(exc))
             report.count("slot_taken")
             bound.warning("renewal_slot_taken", recipient_seat=row.seat_id)
         else:
-            await _set_renewal(services, row.id, state="failed", error=str(exc))
+            await _set_renewal(resources, row.id, state="failed", error=str(exc))
             report.count("failed")
             bound.warning("renewal_failed", error=str(exc))
         return
     await _set_renewal(
-        services,
+        resources,
         row.id,
         state="assigned",
         new_seat_id=seat.id,
@@ -404,14 +406,14 @@ async def _revoke_then_assign(
     bound.info("renewal_assigned", new_seat_id=seat.id)
 
 
-async def renew_expired(services: Services, *, dry_run: bool = False) -> RunReport:
+async def renew_expired(resources: PolarResources, *, dry_run: bool = False) -> RunReport:
     """Resume interrupted renewals, then renew newly expired invitations (opt-in)."""
     report = RunReport()
     now = utcnow()
-    report.planned = await plan_renewals(services, now=now)
+    report.planned = await plan_renewals(resources, now=now)
     if dry_run:
         return report
-    async with services.sessions() as session:
+    async with resources.sessions() as session:
         unfinished = list(
             (
                 await session.execute(
@@ -423,20 +425,20 @@ async def renew_expired(services: Services, *, dry_run: bool = False) -> RunRepo
         )
     for row in unfinished:
         try:
-            await _advance_renewal(services, row, report)
+            await _advance_renewal(resources, row, report)
         except PolarError as exc:
             report.count("deferred")
             log.warning("renewal_deferred", renewal_id=row.id, error=str(exc))
     for item in report.planned:
-        row_id = await _record_intent(services, item)
+        row_id = await _record_intent(resources, item)
         if row_id is None:
             report.count("already_claimed")
             continue
-        async with services.sessions() as session:
+        async with resources.sessions() as session:
             fresh = await session.get(InvitationRenewal, row_id)
         assert fresh is not None
         try:
-            await _advance_renewal(services, fresh, report)
+            await _advance_renewal(resources, fresh, report)
         except PolarError as exc:
             report.count("deferred")  # resumed from its recorded state on the next run
             log.warning("renewal_deferred", renewal_id=row_id, error=str(exc))

@@ -18,10 +18,11 @@ from worker.config import Settings
 from worker.intake import inbox
 from worker.platform.db import is_retryable_db_error
 from worker.platform.migrate import check_schema
+from worker.platform.serving import serve_metrics
 from worker.polar.errors import AuthError, PolarMisconfiguredError, RateLimitedError
 from worker.polar.retry import TRANSIENT, backoff, retry_delay
 from worker.query import gauges
-from worker.resources import Services
+from worker.resources import WorkerResources
 from worker.schedule import invitations
 from worker.sync import resync
 from worker.sync import scope as sync
@@ -42,16 +43,15 @@ STALE_RUN = timedelta(seconds=SYNC_TIMEOUT_S * 5)
 
 async def sync_scope(ctx: Ctx, *, kind: str, scope_id: str, trigger: str = "webhook") -> str:
     """Mirror one subscription or order from Polar's authoritative list."""
-    services: Services = ctx["services"]
+    resources: WorkerResources = ctx["services"]
     job_try: int = ctx.get("job_try", 1)
     bound = log.bind(job_id=ctx.get("job_id"), scope_kind=kind, scope_id=scope_id, job_try=job_try)
-    if services.redis is not None:
-        await queue.sync_started(
-            services.redis, kind, scope_id, min_interval=services.settings.sync_min_interval_seconds
-        )
+    await queue.sync_started(
+        resources.redis, kind, scope_id, min_interval=resources.settings.sync_min_interval_seconds
+    )
     try:
         outcome = await sync.sync_scope(
-            services,
+            resources,
             kind=kind,
             scope_id=scope_id,
             trigger=trigger,
@@ -59,7 +59,7 @@ async def sync_scope(ctx: Ctx, *, kind: str, scope_id: str, trigger: str = "webh
             job_id=ctx.get("job_id"),
         )
     except TRANSIENT as exc:
-        defer = retry_delay(exc, job_try, base=services.settings.sync_retry_base_seconds)
+        defer = retry_delay(exc, job_try, base=resources.settings.sync_retry_base_seconds)
         assert defer is not None
         if isinstance(exc, RateLimitedError):
             bound.warning("sync_rate_limited", retry_after=exc.retry_after, defer=round(defer, 2))
@@ -76,7 +76,7 @@ async def sync_scope(ctx: Ctx, *, kind: str, scope_id: str, trigger: str = "webh
     except (OperationalError, DBAPIError, OSError) as exc:
         if not is_retryable_db_error(exc) and not isinstance(exc, OSError):
             raise
-        defer = backoff(job_try, base=services.settings.sync_retry_base_seconds)
+        defer = backoff(job_try, base=resources.settings.sync_retry_base_seconds)
         bound.warning("sync_db_unavailable", error=type(exc).__name__, defer=round(defer, 2))
         raise Retry(defer=defer) from None
     return outcome.status
@@ -84,11 +84,10 @@ async def sync_scope(ctx: Ctx, *, kind: str, scope_id: str, trigger: str = "webh
 
 async def sweep_inbox(ctx: Ctx, *, min_age_seconds: float | None = None) -> int:
     """Re-request a sync for every acknowledged delivery no sync has answered yet."""
-    services: Services = ctx["services"]
-    redis = services.redis if services.redis is not None else ctx["redis"]
+    resources: WorkerResources = ctx["services"]
     min_age = inbox.SWEEP_MIN_AGE if min_age_seconds is None else timedelta(seconds=min_age_seconds)
-    result = await inbox.sweep_inbox(services.sessions, redis, min_age=min_age)
-    abandoned = await sync.abandon_stale_runs(services, older_than=STALE_RUN)
+    result = await inbox.sweep_inbox(resources.sessions, resources.redis, min_age=min_age)
+    abandoned = await sync.abandon_stale_runs(resources, older_than=STALE_RUN)
     if abandoned:
         log.warning("sync_runs_abandoned", count=abandoned)
     if result.scopes or result.routed or result.closed:
@@ -106,9 +105,9 @@ async def sweep_inbox(ctx: Ctx, *, min_age_seconds: float | None = None) -> int:
 
 async def resync_all(ctx: Ctx) -> str:
     """Cron, every minute: run a full pass when one is due, or resume an interrupted one."""
-    services: Services = ctx["services"]
+    resources: WorkerResources = ctx["services"]
     try:
-        summary = await resync.resync_all(services, trigger="cron")
+        summary = await resync.resync_all(resources, trigger="cron")
     except resync.PassBusyError:
         return "busy"
     return "not due" if summary is None else f"pass {summary.run_id}: {summary.scopes} scopes"
@@ -116,16 +115,15 @@ async def resync_all(ctx: Ctx) -> str:
 
 async def remind_expiring(ctx: Ctx) -> str:
     """Cron, every minute; acts every REMIND_INTERVAL_MINUTES, once across the fleet."""
-    services: Services = ctx["services"]
-    settings = services.settings
-    assert services.redis is not None
+    resources: WorkerResources = ctx["services"]
+    settings = resources.settings
     gate = int(settings.remind_interval_minutes * 60)
-    if not await services.redis.set(queue.REMIND_GATE_KEY, "1", nx=True, ex=max(1, gate - 5)):
+    if not await resources.redis.set(queue.REMIND_GATE_KEY, "1", nx=True, ex=max(1, gate - 5)):
         return "not due"
-    report = await invitations.remind_expiring(services)
+    report = await invitations.remind_expiring(resources)
     renewed = ""
     if settings.renew_expired_invitations:
-        renewal = await invitations.renew_expired(services)
+        renewal = await invitations.renew_expired(resources)
         renewed = f"; renewals {renewal.outcomes}"
     log.info("reminders_done", planned=len(report.planned), outcomes=report.outcomes)
     return f"reminders {report.outcomes}{renewed}"
@@ -133,17 +131,20 @@ async def remind_expiring(ctx: Ctx) -> str:
 
 async def startup(ctx: Ctx) -> None:
     settings: Settings = ctx["settings"]
-    services = await Services.start(settings, redis_url=ctx["redis_url"])
+    resources = await WorkerResources.create(settings, redis_url=ctx["redis_url"])
     try:
-        await check_schema(services.engine)
+        await check_schema(resources.engine)
     except BaseException:
-        await services.close()
+        await resources.aclose()
         raise
-    ctx["services"] = services
+    # Under "services", the key the worker's resources have always had in the job context.
+    ctx["services"] = resources
     if settings.metrics_port is not None:
-        ctx["metrics_task"] = asyncio.create_task(
-            gauges.serve_worker_metrics(services, settings.metrics_port)
-        )
+
+        async def refresh() -> None:
+            await gauges.refresh(resources.sessions, redis=resources.redis, budget=resources.budget)
+
+        ctx["metrics_task"] = asyncio.create_task(serve_metrics(settings.metrics_port, refresh))
     log.info("worker_started", polar_api_url=settings.polar_api_url)
 
 
@@ -153,9 +154,9 @@ async def shutdown(ctx: Ctx) -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-    services: Services | None = ctx.get("services")
-    if services is not None:
-        await services.close()
+    resources: WorkerResources | None = ctx.get("services")
+    if resources is not None:
+        await resources.aclose()
     log.info("worker_stopped")
 
 

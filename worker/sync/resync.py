@@ -30,7 +30,7 @@ from worker.platform.db import insert_ignoring_conflict, retry_transaction
 from worker.polar.errors import AuthError, Lane, PolarError, PolarMisconfiguredError
 from worker.polar.retry import call_with_retries
 from worker.polar.schemas import Page
-from worker.resources import Services
+from worker.resources import PolarResources, Resources
 from worker.sync import scope as sync
 
 log = structlog.get_logger("worker.sync.resync")
@@ -78,9 +78,9 @@ class PassBusyError(Exception):
 
 
 @contextlib.asynccontextmanager
-async def _pass_lock(services: Services) -> AsyncIterator[None]:
+async def _pass_lock(resources: PolarResources) -> AsyncIterator[None]:
     """One pass at a time across the fleet; the lock is refreshed while the pass runs."""
-    redis = services.redis
+    redis = resources.redis
     if redis is None:
         yield
         return
@@ -108,7 +108,7 @@ async def _pass_lock(services: Services) -> AsyncIterator[None]:
 
 
 async def _add_items(
-    services: Services,
+    resources: Resources,
     run_id: int,
     scopes: Iterable[tuple[str, str]],
     progress: dict[str, Any],
@@ -131,11 +131,11 @@ async def _add_items(
             )
         )
 
-    await retry_transaction(services.sessions, work)
+    await retry_transaction(resources.sessions, work)
 
 
 async def _open_or_resume(
-    services: Services, *, trigger: str, force: bool, interval: timedelta
+    resources: Resources, *, trigger: str, force: bool, interval: timedelta
 ) -> tuple[SyncRun | None, bool]:
     async def work(session: AsyncSession) -> tuple[SyncRun | None, bool]:
         unfinished = (
@@ -166,13 +166,13 @@ async def _open_or_resume(
         await session.flush()
         return run, False
 
-    return await retry_transaction(services.sessions, work)
+    return await retry_transaction(resources.sessions, work)
 
 
-async def _discover(services: Services, run: SyncRun) -> None:
+async def _discover(resources: PolarResources, run: SyncRun) -> None:
     """Walk the subscription and order lists (oldest first), page by page, resumably."""
     assert run.id is not None
-    polar = services.require_polar()
+    polar = resources.polar
     progress: dict[str, Any] = json.loads(run.progress or "{}")
     if progress.get("discovered"):
         return
@@ -186,21 +186,21 @@ async def _discover(services: Services, run: SyncRun) -> None:
         while True:
             fetch = _Counted(functools.partial(lister, page, lane="resync"))
             listed = await call_with_retries(
-                fetch, attempts=ITEM_TRIES, base=services.settings.sync_retry_base_seconds
+                fetch, attempts=ITEM_TRIES, base=resources.settings.sync_retry_base_seconds
             )
             found = [(kind, item.id) for item in listed.items if item.is_seat_based]
             progress[key] = page + 1
-            await _add_items(services, run.id, found, progress, calls=fetch.made)
+            await _add_items(resources, run.id, found, progress, calls=fetch.made)
             if page >= listed.pagination.max_page or not listed.items:
                 break
             page += 1
-    known = await _known_scopes(services)
+    known = await _known_scopes(resources)
     progress["discovered"] = True
-    await _add_items(services, run.id, known, progress, calls=0)
+    await _add_items(resources, run.id, known, progress, calls=0)
 
 
-async def _known_scopes(services: Services) -> list[tuple[str, str]]:
-    async with services.sessions() as session:
+async def _known_scopes(resources: Resources) -> list[tuple[str, str]]:
+    async with resources.sessions() as session:
         rows = await session.execute(
             select(col(SeatScope.kind), col(SeatScope.scope_id)).where(
                 col(SeatScope.gone_at).is_(None)
@@ -210,11 +210,11 @@ async def _known_scopes(services: Services) -> list[tuple[str, str]]:
 
 
 async def _sync_item(
-    services: Services, run: SyncRun, kind: str, scope_id: str
+    resources: PolarResources, run: SyncRun, kind: str, scope_id: str
 ) -> tuple[str, int, int]:
     """(outcome, api calls, seats changed) for one scope of the pass."""
     assert run.id is not None
-    async with services.sessions() as session:
+    async with resources.sessions() as session:
         scope = await session.get(SeatScope, (kind, scope_id))
     if (
         scope is not None
@@ -224,12 +224,17 @@ async def _sync_item(
         return "skipped", 0, 0  # a webhook-driven sync already did it during this pass
     attempt = _Counted(
         functools.partial(
-            sync.sync_scope, services, kind=kind, scope_id=scope_id, trigger="resync", lane="resync"
+            sync.sync_scope,
+            resources,
+            kind=kind,
+            scope_id=scope_id,
+            trigger="resync",
+            lane="resync",
         )
     )
     try:
         outcome = await call_with_retries(
-            attempt, attempts=ITEM_TRIES, base=services.settings.sync_retry_base_seconds
+            attempt, attempts=ITEM_TRIES, base=resources.settings.sync_retry_base_seconds
         )
     except (AuthError, PolarMisconfiguredError):
         raise  # no scope can sync until the token or configuration is fixed: stop the pass
@@ -240,7 +245,7 @@ async def _sync_item(
 
 
 async def _finish_item(
-    services: Services,
+    resources: Resources,
     run_id: int,
     kind: str,
     scope_id: str,
@@ -271,11 +276,11 @@ async def _finish_item(
             )
         )
 
-    await retry_transaction(services.sessions, work)
+    await retry_transaction(resources.sessions, work)
 
 
-async def _open_items(services: Services, run_id: int) -> list[tuple[str, str]]:
-    async with services.sessions() as session:
+async def _open_items(resources: Resources, run_id: int) -> list[tuple[str, str]]:
+    async with resources.sessions() as session:
         rows = await session.execute(
             select(col(ResyncItem.kind), col(ResyncItem.scope_id))
             .where(col(ResyncItem.run_id) == run_id, col(ResyncItem.done_at).is_(None))
@@ -284,8 +289,8 @@ async def _open_items(services: Services, run_id: int) -> list[tuple[str, str]]:
         return [(r.kind, r.scope_id) for r in rows]
 
 
-async def _item_counts(services: Services, run_id: int) -> tuple[int, int]:
-    async with services.sessions() as session:
+async def _item_counts(resources: Resources, run_id: int) -> tuple[int, int]:
+    async with resources.sessions() as session:
         total = (
             await session.execute(
                 select(func.count()).select_from(ResyncItem).where(col(ResyncItem.run_id) == run_id)
@@ -302,7 +307,7 @@ async def _item_counts(services: Services, run_id: int) -> tuple[int, int]:
 
 
 async def _summarise(
-    services: Services, run_id: int, resumed: bool, error: str | None
+    resources: Resources, run_id: int, resumed: bool, error: str | None
 ) -> PassSummary:
     async def work(session: AsyncSession) -> PassSummary:
         rows = await session.execute(
@@ -330,21 +335,21 @@ async def _summarise(
             seats_changed=run.updated,
         )
 
-    return await retry_transaction(services.sessions, work)
+    return await retry_transaction(resources.sessions, work)
 
 
 async def resync_all(
-    services: Services,
+    resources: PolarResources,
     *,
     trigger: str = "cron",
     force: bool = False,
     progress: Progress | None = None,
 ) -> PassSummary | None:
     """Run (or resume) a full pass. None when no pass is due. PassBusyError when one runs."""
-    interval = timedelta(minutes=services.settings.resync_interval_minutes)
-    async with _pass_lock(services):
+    interval = timedelta(minutes=resources.settings.resync_interval_minutes)
+    async with _pass_lock(resources):
         run, resumed = await _open_or_resume(
-            services, trigger=trigger, force=force, interval=interval
+            resources, trigger=trigger, force=force, interval=interval
         )
         if run is None:
             return None
@@ -352,16 +357,16 @@ async def resync_all(
         bound = log.bind(run_id=run.id, resumed=resumed)
         bound.info("resync_pass_started")
         try:
-            await _discover(services, run)
-            total, done = await _item_counts(services, run.id)
+            await _discover(resources, run)
+            total, done = await _item_counts(resources, run.id)
             if progress is not None:
                 progress(done, total)
-            await _sync_open_items(services, run, total, done, progress)
+            await _sync_open_items(resources, run, total, done, progress)
         except (AuthError, PolarMisconfiguredError) as exc:
-            await _summarise(services, run.id, resumed, str(exc))
+            await _summarise(resources, run.id, resumed, str(exc))
             bound.error("resync_pass_failed", error=str(exc), error_class=type(exc).__name__)
             raise
-        summary = await _summarise(services, run.id, resumed, None)
+        summary = await _summarise(resources, run.id, resumed, None)
         bound.info(
             "resync_pass_finished",
             scopes=summary.scopes,
@@ -376,11 +381,11 @@ async def resync_all(
 
 
 async def _sync_open_items(
-    services: Services, run: SyncRun, total: int, done: int, progress: Progress | None
+    resources: PolarResources, run: SyncRun, total: int, done: int, progress: Progress | None
 ) -> None:
     assert run.id is not None
     run_id = run.id
-    items = await _open_items(services, run_id)
+    items = await _open_items(resources, run_id)
     queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
     for item in items:
         queue.put_nowait(item)
@@ -395,19 +400,19 @@ async def _sync_open_items(
             except asyncio.QueueEmpty:
                 return
             try:
-                outcome, calls, changed = await _sync_item(services, run, kind, scope_id)
+                outcome, calls, changed = await _sync_item(resources, run, kind, scope_id)
             except (AuthError, PolarMisconfiguredError) as exc:
                 # Every other scope would fail the same way: the other lanes finish the
                 # scope in hand and take no more, and the pass ends as failed.
                 stopped.append(exc)
                 return
-            await _finish_item(services, run_id, kind, scope_id, outcome, calls, changed)
+            await _finish_item(resources, run_id, kind, scope_id, outcome, calls, changed)
             finished += 1
             if progress is not None:
                 progress(finished, total)
 
     workers = [
-        asyncio.create_task(lane_worker()) for _ in range(services.settings.resync_concurrency)
+        asyncio.create_task(lane_worker()) for _ in range(resources.settings.resync_concurrency)
     ]
     try:
         await asyncio.gather(*workers)

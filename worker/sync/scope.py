@@ -17,7 +17,7 @@ from worker.platform import metrics
 from worker.platform.db import retry_transaction
 from worker.polar.errors import Lane, NotFoundError, PolarError, PolarMisconfiguredError
 from worker.polar.schemas import SeatsList
-from worker.resources import Services
+from worker.resources import PolarResources, Resources
 from worker.sync.reconcile import ReconcileResult, mark_scope_gone, reconcile_scope, record_failure
 
 log = structlog.get_logger("worker.sync.scope")
@@ -33,7 +33,7 @@ class SyncOutcome:
 
 
 async def _start_run(
-    services: Services, *, kind: str, scope_id: str, trigger: str, job_id: str | None
+    resources: Resources, *, kind: str, scope_id: str, trigger: str, job_id: str | None
 ) -> int:
     async def work(session: AsyncSession) -> int:
         run = SyncRun(
@@ -50,11 +50,11 @@ async def _start_run(
         assert run.id is not None
         return run.id
 
-    return await retry_transaction(services.sessions, work)
+    return await retry_transaction(resources.sessions, work)
 
 
 async def _finish_failed(
-    services: Services, *, run_id: int, kind: str, scope_id: str, error: str
+    resources: Resources, *, run_id: int, kind: str, scope_id: str, error: str
 ) -> None:
     async def work(session: AsyncSession) -> None:
         now = utcnow()
@@ -63,11 +63,11 @@ async def _finish_failed(
         if run is not None:
             run.status, run.error, run.finished_at, run.errors = "failed", error[:2000], now, 1
 
-    await retry_transaction(services.sessions, work)
+    await retry_transaction(resources.sessions, work)
 
 
 async def sync_scope(
-    services: Services,
+    resources: PolarResources,
     *,
     kind: str,
     scope_id: str,
@@ -81,24 +81,25 @@ async def sync_scope(
     (PolarMisconfiguredError) is recorded as a failure and leaves the scope and its seats as
     they were."""
     bound = log.bind(scope_kind=kind, scope_id=scope_id, trigger=trigger, job_id=job_id)
-    services.require_polar()
     run_id = await _start_run(
-        services, kind=kind, scope_id=scope_id, trigger=trigger, job_id=job_id
+        resources, kind=kind, scope_id=scope_id, trigger=trigger, job_id=job_id
     )
     try:
-        return await _fetch_and_reconcile(services, bound, run_id, kind, scope_id, lane)
+        return await _fetch_and_reconcile(resources, bound, run_id, kind, scope_id, lane)
     except asyncio.CancelledError:
         # Job timeout or shutdown: leave a record rather than a run stuck in `running`.
         await asyncio.shield(
-            _finish_failed(services, run_id=run_id, kind=kind, scope_id=scope_id, error="cancelled")
+            _finish_failed(
+                resources, run_id=run_id, kind=kind, scope_id=scope_id, error="cancelled"
+            )
         )
         raise
 
 
 async def _fetch_and_reconcile(
-    services: Services, bound: Any, run_id: int, kind: str, scope_id: str, lane: Lane
+    resources: PolarResources, bound: Any, run_id: int, kind: str, scope_id: str, lane: Lane
 ) -> SyncOutcome:
-    polar = services.require_polar()
+    polar = resources.polar
     # Freshness is measured from when the request left, not from before the wait for the
     # rate budget: a fetch that waited there reads Polar later than one started after it.
     sent: list[datetime] = []
@@ -121,12 +122,12 @@ async def _fetch_and_reconcile(
             if run is not None:
                 run.status, run.finished_at, run.error = "gone", now, "not found in Polar (404)"
 
-        await retry_transaction(services.sessions, gone)
+        await retry_transaction(resources.sessions, gone)
         metrics.SYNCS.labels(outcome="gone").inc()
         bound.warning("scope_gone")
         return SyncOutcome(run_id, kind, scope_id, "gone", None)
     except PolarError as exc:
-        await _finish_failed(services, run_id=run_id, kind=kind, scope_id=scope_id, error=str(exc))
+        await _finish_failed(resources, run_id=run_id, kind=kind, scope_id=scope_id, error=str(exc))
         metrics.SYNCS.labels(outcome="failed").inc()
         if isinstance(exc, PolarMisconfiguredError):
             bound.error("sync_polar_misconfigured", error=str(exc))
@@ -156,7 +157,7 @@ async def _fetch_and_reconcile(
         return result
 
     with metrics.RECONCILE_SECONDS.time():
-        result = await retry_transaction(services.sessions, apply)
+        result = await retry_transaction(resources.sessions, apply)
     status = "stale" if result.stale else "ok"
     metrics.SYNCS.labels(outcome=status).inc()
     bound.info(
@@ -171,7 +172,7 @@ async def _fetch_and_reconcile(
     return SyncOutcome(run_id, kind, scope_id, status, result)
 
 
-async def abandon_stale_runs(services: Services, *, older_than: timedelta) -> int:
+async def abandon_stale_runs(resources: Resources, *, older_than: timedelta) -> int:
     """Close scope runs left `running` by a worker that was killed (kill -9 leaves no
     chance to record anything); the scope itself is re-synced by the inbox sweep."""
 
@@ -188,4 +189,4 @@ async def abandon_stale_runs(services: Services, *, older_than: timedelta) -> in
         )
         return int(getattr(result, "rowcount", 0) or 0)
 
-    return await retry_transaction(services.sessions, work)
+    return await retry_transaction(resources.sessions, work)

@@ -14,7 +14,7 @@ from worker.models import Seat, SeatScope, utcnow
 from worker.platform.db import retry_transaction
 from worker.polar.errors import NotFoundError
 from worker.polar.schemas import SeatsList
-from worker.resources import Services
+from worker.resources import PolarResources, Resources
 from worker.sync.reconcile import POLAR_COLUMNS, reconcile_scope, seat_row
 
 
@@ -35,8 +35,8 @@ class ScopeReport:
     repaired: bool = False
 
 
-async def mirrored_scopes(services: Services) -> list[tuple[str, str]]:
-    async with services.sessions() as session:
+async def mirrored_scopes(resources: Resources) -> list[tuple[str, str]]:
+    async with resources.sessions() as session:
         rows = await session.execute(
             select(col(SeatScope.kind), col(SeatScope.scope_id))
             .where(col(SeatScope.gone_at).is_(None))
@@ -107,9 +107,9 @@ def compare(
 
 
 async def verify_scope(
-    services: Services, kind: str, scope_id: str, *, repair: bool
+    resources: PolarResources, kind: str, scope_id: str, *, repair: bool
 ) -> ScopeReport:
-    polar = services.require_polar()
+    polar = resources.polar
     report = ScopeReport(kind, scope_id)
     sent: list[datetime] = []
     try:
@@ -120,7 +120,7 @@ async def verify_scope(
         )
         return report
     column = Seat.subscription_id if kind == "subscription" else Seat.order_id
-    async with services.sessions() as session:
+    async with resources.sessions() as session:
         mirror = list(
             (await session.execute(select(Seat).where(col(column) == scope_id))).scalars()
         )
@@ -138,6 +138,6 @@ async def verify_scope(
                 now=utcnow(),
             )
 
-        await retry_transaction(services.sessions, work)
+        await retry_transaction(resources.sessions, work)
         report.repaired = True
     return report
