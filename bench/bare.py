@@ -12,7 +12,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from worker.intake.receiver import WEBHOOK_PATH, uvicorn_config
+from worker.intake.receiver import WEBHOOK_PATH
+from worker.platform.serving import uvicorn_config
 
 
 async def accept(request: Request) -> JSONResponse:

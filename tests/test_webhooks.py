@@ -28,14 +28,8 @@ from tests.support.polar_signing import (
 )
 from worker import queue
 from worker.config import Settings
-from worker.intake.receiver import (
-    MAX_BODY_BYTES,
-    SignatureRejectedError,
-    running,
-    serve,
-    signing_keys,
-    verify_signature,
-)
+from worker.intake.receiver import MAX_BODY_BYTES, running, serve
+from worker.intake.signature import SignatureRejectedError, signing_keys, verify_signature
 from worker.models import WebhookDelivery, WebhookDeliveryScope
 from worker.platform.db import create_engine, session_factory
 

@@ -9,22 +9,15 @@ best effort, and the worker's `sweep_inbox` picks up whatever did not make it.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
-import hashlib
-import hmac
 import json
-import socket
-import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import structlog
-import uvicorn
 from arq.connections import ArqRedis
-from redis.asyncio import ConnectionPool
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -36,9 +29,11 @@ from starlette.routing import Route
 from worker import queue
 from worker.config import Settings
 from worker.intake.inbox import Recorded, record_delivery
+from worker.intake.signature import SignatureRejectedError, signing_keys, verify_signature
 from worker.models import utcnow
-from worker.platform import metrics
+from worker.platform import metrics, serving
 from worker.platform.db import create_engine, retry_transaction, session_factory
+from worker.platform.redis import lazy_redis
 from worker.polar.budget import RedisBudget
 from worker.query import gauges
 
@@ -46,7 +41,6 @@ log = structlog.get_logger("worker.intake.receiver")
 
 WEBHOOK_PATH = "/webhooks/polar"
 MAX_BODY_BYTES = 1024 * 1024
-TOLERANCE_SECONDS = 300
 MAX_WEBHOOK_ID_LENGTH = 255
 # Polar gives up after 10 s and wants an answer within 2 s.
 DATABASE_TIMEOUT_SECONDS = 8.0
@@ -54,121 +48,101 @@ ENQUEUE_TIMEOUT_SECONDS = 1.0
 CHECK_TIMEOUT_SECONDS = 2.0
 
 
-# ---------------------------------------------------------------------- verification
-
-
-class SignatureRejectedError(Exception):
-    """The request is not provably from Polar (the reason is safe to log)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-def signing_keys(secret: str) -> tuple[bytes, ...]:
-    """Every key Polar may sign with for this endpoint secret.
-
-    Polar picks the key by when the secret was generated, which a receiver cannot know:
-    before 2026-09-08 it is the UTF-8 bytes of the WHOLE `whsec_…` string; since then the
-    secret is `whsec_` + base64 of random bytes and the key is that base64 decoded (the
-    Standard Webhooks scheme). So both are candidates, the second only when the remainder
-    decodes (padding restored, as the secret may be shown without it).
-    """
-    legacy = secret.encode()
-    remainder = secret.removeprefix("whsec_")
-    try:
-        decoded = base64.b64decode(remainder + "=" * (-len(remainder) % 4), validate=True)
-    except binascii.Error:
-        return (legacy,)
-    return (legacy, decoded) if decoded and decoded != legacy else (legacy,)
-
-
-def verify_signature(
-    keys: Sequence[bytes],
-    *,
-    webhook_id: str,
-    timestamp: str,
-    body: bytes,
-    signature_header: str,
-    now: float | None = None,
-    tolerance: int = TOLERANCE_SECONDS,
-) -> None:
-    """Raise SignatureRejectedError unless one of the space-separated `v1,<base64>` values is
-    the HMAC-SHA256 of `id.timestamp.body` under one of `keys`, and the timestamp is
-    within `tolerance` seconds."""
-    try:
-        sent_at = int(timestamp)
-    except ValueError:
-        raise SignatureRejectedError("invalid_timestamp") from None
-    current = time.time() if now is None else now
-    if abs(current - sent_at) > tolerance:
-        raise SignatureRejectedError("stale_timestamp" if sent_at < current else "future_timestamp")
-    message = f"{webhook_id}.{timestamp}.".encode() + body
-    expected = [hmac.new(key, message, hashlib.sha256).digest() for key in keys]
-    matched = False
-    for candidate in signature_header.split():
-        version, comma, value = candidate.partition(",")
-        if version != "v1" or not comma:
-            continue
-        try:
-            given = base64.b64decode(value, validate=True)
-        except binascii.Error:
-            continue
-        # Every value against every key, no early exit: timing says nothing about
-        # which value or which key matched.
-        for digest in expected:
-            matched |= hmac.compare_digest(digest, given)
-    if not matched:
-        raise SignatureRejectedError("bad_signature")
-
-
 # ---------------------------------------------------------------------- request parsing
 
 
-class BodyTooLargeError(Exception):
-    pass
+class RejectedError(Exception):
+    """The receiver will not take this request. Every refusal is one of these, turned into
+    the HTTP answer, the log line and the counted outcome in one place (`_refusal`)."""
 
-
-class BadRequestError(Exception):
-    pass
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        detail: str,
+        *,
+        outcome: str,
+        error: str | None = None,
+        event: str = "webhook_rejected",
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.reason = reason
+        """Why, for the log: a constant snake_case word."""
+        self.detail = detail
+        """What the sender is told."""
+        self.outcome = outcome
+        """The webhook counter's `outcome` label."""
+        self.error = error
+        """What went wrong underneath, when something did (safe to log)."""
+        self.event = event
+        """The log event."""
 
 
 async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
     """The body, refusing more than `limit` bytes whatever Content-Length claims."""
+    too_large = RejectedError(
+        413, "body_too_large", f"body larger than {limit} bytes", outcome="too_large"
+    )
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
             length = int(declared)
         except ValueError:
-            raise BadRequestError("invalid content-length") from None
+            raise RejectedError(
+                400, "bad_content_length", "invalid content-length", outcome="bad_request"
+            ) from None
         if length > limit:
-            raise BodyTooLargeError
+            raise too_large
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise BodyTooLargeError
+            raise too_large
         chunks.append(chunk)
     return b"".join(chunks)
 
 
+def signed_headers(request: Request) -> tuple[str, str, str]:
+    """(webhook-id, webhook-timestamp, webhook-signature), all present and of sane size."""
+    webhook_id = request.headers.get("webhook-id", "").strip()
+    timestamp = request.headers.get("webhook-timestamp", "").strip()
+    signature = request.headers.get("webhook-signature", "").strip()
+    if not (webhook_id and timestamp and signature):
+        raise RejectedError(
+            400,
+            "missing_headers",
+            "webhook-id, webhook-timestamp and webhook-signature required",
+            outcome="bad_request",
+        )
+    if len(webhook_id) > MAX_WEBHOOK_ID_LENGTH:
+        raise RejectedError(
+            400, "webhook_id_too_long", "webhook-id too long", outcome="bad_request"
+        )
+    return webhook_id, timestamp, signature
+
+
 def parse_envelope(body: bytes) -> tuple[str, dict[str, Any]]:
-    """The raw text and the envelope object; BadRequestError unless it is an object with a type."""
+    """The raw text and the envelope object; RejectedError unless it is an object with a type."""
+
+    def bad(message: str) -> RejectedError:
+        return RejectedError(400, "bad_payload", message, outcome="bad_payload", error=message)
+
     try:
         raw = body.decode("utf-8")
         envelope = json.loads(raw)
     except (ValueError, RecursionError):  # not UTF-8, not JSON, or nested beyond reason
-        raise BadRequestError("body is not JSON") from None
+        raise bad("body is not JSON") from None
     if not isinstance(envelope, dict):
-        raise BadRequestError("body is not a JSON object")
+        raise bad("body is not a JSON object")
     event_type = envelope.get("type")
     if not isinstance(event_type, str) or not event_type:
-        raise BadRequestError("body has no event type")
+        raise bad("body has no event type")
     if _has_nul(envelope):
         # PostgreSQL text cannot hold NUL: refuse it (400) rather than fail the commit
         # (503) on every one of Polar's retries until it disables the endpoint.
-        raise BadRequestError("body contains NUL characters")
+        raise bad("body contains NUL characters")
     return raw, envelope
 
 
@@ -200,11 +174,19 @@ def _problem(status: int, detail: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"detail": detail, **extra}, status_code=status)
 
 
-def lazy_redis(url: str) -> ArqRedis:
-    """A Redis client that connects on first use, so a Redis outage at startup or at
-    request time costs one quick failed attempt, never the process."""
-    pool = ConnectionPool.from_url(url, socket_connect_timeout=1.0, socket_timeout=2.0)
-    return ArqRedis(pool, default_queue_name=queue.QUEUE_NAME)
+def _refusal(
+    rejected: RejectedError, *, webhook_id: str | None, event_type: str | None
+) -> JSONResponse:
+    """The one translation of a refusal: a log line, a counted outcome, the HTTP answer."""
+    context = {"webhook_id": webhook_id, "event_type": event_type}
+    bound = log.bind(**{key: value for key, value in context.items() if value is not None})
+    if rejected.status >= 500:
+        bound.error(rejected.event, error=rejected.error)
+    elif rejected.error is not None:
+        bound.warning(rejected.event, reason=rejected.reason, error=rejected.error)
+    else:
+        bound.warning(rejected.event, reason=rejected.reason)
+    return _counted(_problem(rejected.status, rejected.detail), event_type, rejected.outcome)
 
 
 @dataclass
@@ -231,80 +213,27 @@ class Receiver:
     # ------------------------------------------------------------------ POST /webhooks/polar
 
     async def receive(self, request: Request) -> JSONResponse:
+        """Verify, record, request the syncs, answer 202 (200 for a delivery seen before);
+        or answer the refusal."""
         received_at = utcnow()
+        webhook_id: str | None = None
+        event_type: str | None = None
         try:
             body = await read_body(request)
-        except BodyTooLargeError:
-            log.warning("webhook_rejected", reason="body_too_large")
-            return _counted(
-                _problem(413, f"body larger than {MAX_BODY_BYTES} bytes"), None, "too_large"
-            )
-        except BadRequestError as exc:
-            log.warning("webhook_rejected", reason="bad_content_length")
-            return _counted(_problem(400, str(exc)), None, "bad_request")
-
-        webhook_id = request.headers.get("webhook-id", "").strip()
-        timestamp = request.headers.get("webhook-timestamp", "").strip()
-        signature = request.headers.get("webhook-signature", "").strip()
-        if not (webhook_id and timestamp and signature):
-            log.warning("webhook_rejected", reason="missing_headers")
-            return _counted(
-                _problem(400, "webhook-id, webhook-timestamp and webhook-signature required"),
-                None,
-                "bad_request",
-            )
-        if len(webhook_id) > MAX_WEBHOOK_ID_LENGTH:
-            log.warning("webhook_rejected", reason="webhook_id_too_long")
-            return _counted(_problem(400, "webhook-id too long"), None, "bad_request")
-        bound = log.bind(webhook_id=webhook_id)
-        try:
-            verify_signature(
-                self.keys,
-                webhook_id=webhook_id,
-                timestamp=timestamp,
-                body=body,
-                signature_header=signature,
-            )
-        except SignatureRejectedError as exc:
-            bound.warning("webhook_rejected", reason=exc.reason)
-            return _counted(_problem(403, "signature verification failed"), None, "bad_signature")
-
-        try:
+            webhook_id, timestamp, signature = signed_headers(request)
+            self._verify(webhook_id, timestamp, signature, body)
             raw, envelope = parse_envelope(body)
-        except BadRequestError as exc:
-            bound.warning("webhook_rejected", reason="bad_payload", error=str(exc))
-            return _counted(_problem(400, str(exc)), None, "bad_payload")
-        event_type: str = envelope["type"]
-        bound = bound.bind(event_type=event_type)
+            event_type = str(envelope["type"])
+            recorded = await self._record(webhook_id, event_type, raw, envelope, received_at)
+        except RejectedError as rejected:
+            return _refusal(rejected, webhook_id=webhook_id, event_type=event_type)
 
-        async def record(session: AsyncSession) -> Recorded:
-            return await record_delivery(
-                session,
-                webhook_id=webhook_id,
-                event_type=event_type,
-                payload=raw,
-                envelope=envelope,
-                now=received_at,
-            )
-
-        try:
-            async with asyncio.timeout(DATABASE_TIMEOUT_SECONDS):
-                recorded = await retry_transaction(self.sessions, record, attempts=3)
-        except IntegrityError:
-            # Another process committed the same webhook-id between our check and insert.
-            recorded = Recorded(duplicate=True)
-        except (SQLAlchemyError, OSError, TimeoutError) as exc:
-            bound.error("webhook_database_unavailable", error=type(exc).__name__)
-            return _counted(
-                _problem(503, "database unavailable, retry later"), event_type, "db_unavailable"
-            )
-
+        bound = log.bind(webhook_id=webhook_id, event_type=event_type)
         if recorded.duplicate:
             bound.info("webhook_duplicate")
             return _counted(
                 JSONResponse({"status": "duplicate"}, status_code=200), event_type, "duplicate"
             )
-
         enqueued = await self._request_syncs(recorded, bound)
         bound.info(
             "webhook_accepted",
@@ -318,6 +247,56 @@ class Receiver:
             event_type,
             status,
         )
+
+    def _verify(self, webhook_id: str, timestamp: str, signature: str, body: bytes) -> None:
+        try:
+            verify_signature(
+                self.keys,
+                webhook_id=webhook_id,
+                timestamp=timestamp,
+                body=body,
+                signature_header=signature,
+            )
+        except SignatureRejectedError as exc:
+            raise RejectedError(
+                403, exc.reason, "signature verification failed", outcome="bad_signature"
+            ) from None
+
+    async def _record(
+        self,
+        webhook_id: str,
+        event_type: str,
+        raw: str,
+        envelope: dict[str, Any],
+        received_at: datetime,
+    ) -> Recorded:
+        """Commit the delivery and its scopes to the inbox, within Polar's patience."""
+
+        async def record(session: AsyncSession) -> Recorded:
+            return await record_delivery(
+                session,
+                webhook_id=webhook_id,
+                event_type=event_type,
+                payload=raw,
+                envelope=envelope,
+                now=received_at,
+            )
+
+        try:
+            async with asyncio.timeout(DATABASE_TIMEOUT_SECONDS):
+                return await retry_transaction(self.sessions, record, attempts=3)
+        except IntegrityError:
+            # Another process committed the same webhook-id between our check and insert.
+            return Recorded(duplicate=True)
+        except (SQLAlchemyError, OSError, TimeoutError) as exc:
+            raise RejectedError(
+                503,
+                "database_unavailable",
+                "database unavailable, retry later",
+                outcome="db_unavailable",
+                error=type(exc).__name__,
+                event="webhook_database_unavailable",
+            ) from None
 
     async def _request_syncs(self, recorded: Recorded, bound: Any) -> int:
         """Best effort: the inbox row is durable, and the sweeper covers any failure."""
@@ -432,28 +411,6 @@ def create_app(settings: Settings, *, redis_url: str | None = None) -> Starlette
     )
 
 
-class _QuietServer(uvicorn.Server):
-    """uvicorn without its own signal handlers: the caller owns SIGINT/SIGTERM."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Any:
-        yield
-
-
-def uvicorn_config(app: Starlette, *, host: str, port: int) -> uvicorn.Config:
-    return uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        lifespan="on",
-        log_config=None,
-        access_log=False,
-        proxy_headers=True,
-        timeout_graceful_shutdown=5,
-        timeout_keep_alive=15,
-    )
-
-
 async def serve(
     settings: Settings,
     *,
@@ -465,18 +422,9 @@ async def serve(
     """Run the receiver under uvicorn until SIGINT/SIGTERM (when `handle_signals`) or until
     the calling task is cancelled; either way it shuts down gracefully."""
     app = create_app(settings, redis_url=redis_url)
-    config = uvicorn_config(app, host=host, port=port)
-    server = uvicorn.Server(config) if handle_signals else _QuietServer(config)
-    task = asyncio.ensure_future(server.serve())
-    try:
-        await asyncio.shield(task)
-    except asyncio.CancelledError:
-        server.should_exit = True
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        raise
-    if not server.started:
-        raise RuntimeError(f"webhook receiver failed to start on {host}:{port}")
+    await serving.serve(
+        app, host=host, port=port, handle_signals=handle_signals, what="webhook receiver"
+    )
 
 
 @contextlib.asynccontextmanager
@@ -487,31 +435,8 @@ async def running(
     host: str = "127.0.0.1",
     port: int = 0,
 ) -> AsyncIterator[str]:
-    """Serve the receiver inside the current event loop (tests, demo, benchmark) on a
-    socket bound here, so the port is known before serving; yields the webhook URL."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted connections only when
-    # the socket says TCP, and without it each response waits ~40 ms for a delayed ACK.
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.setblocking(False)
-    bound_port = sock.getsockname()[1]
+    """Serve the receiver inside the current event loop (tests, demo, benchmark); yields
+    the webhook URL."""
     app = create_app(settings, redis_url=redis_url)
-    config = uvicorn_config(app, host=host, port=bound_port)
-    config.timeout_graceful_shutdown = 1
-    server = _QuietServer(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        while not server.started:
-            if task.done():
-                await task
-                raise RuntimeError("webhook receiver failed to start")
-            await asyncio.sleep(0.005)
-        shown = f"[{host}]" if family == socket.AF_INET6 else host
-        yield f"http://{shown}:{bound_port}{WEBHOOK_PATH}"
-    finally:
-        server.should_exit = True
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        sock.close()
+    async with serving.running(app, host=host, port=port, what="webhook receiver") as base_url:
+        yield base_url + WEBHOOK_PATH

