@@ -54,6 +54,7 @@ class Settings(BaseSettings):
     data_dir: Path = Path(".seat-sync")
 
     sync_max_tries: int = Field(default=8, ge=1)
+    # The first retry of a failed Polar call waits 1-2 times this (see worker.polar.retry).
     sync_retry_base_seconds: float = Field(default=1.0, gt=0)
     # At most one sync of a scope per interval while events keep arriving (0: no limit).
     sync_min_interval_seconds: float = Field(default=1.0, ge=0)
