@@ -24,7 +24,7 @@ from worker.platform.redis import EmbeddedRedis
 from worker.polar.schemas import CustomerSeat
 from worker.query.mirror import reading
 from worker.query.seats import SeatFilter, matching_seats, seat_changes
-from worker.resources import Services
+from worker.resources import Resources
 from worker.schedule.jobs import build_worker
 from worker.simulator.server import SimulatedPolar
 from worker.simulator.webhooks import new_webhook_secret
@@ -69,7 +69,7 @@ async def _worker(settings: Settings, redis_url: str) -> AsyncIterator[None]:
 class _Scenario:
     """Changes made in the simulated Polar, each followed until the mirror matches it."""
 
-    def __init__(self, sim: SimulatedPolar, mirror: Services, console: Console) -> None:
+    def __init__(self, sim: SimulatedPolar, mirror: Resources, console: Console) -> None:
         self.sim = sim
         self.mirror = mirror
         self.console = console
@@ -136,7 +136,7 @@ def _minute(iso: str | None) -> str:
     return f"{datetime.fromisoformat(iso):%Y-%m-%d %H:%M}" if iso else ""
 
 
-async def _show_mirror(console: Console, mirror: Services, slot: str) -> None:
+async def _show_mirror(console: Console, mirror: Resources, slot: str) -> None:
     """The seat table, and the history of one slot from seat_change."""
     async with mirror.sessions() as session:
         rows = await matching_seats(session, SeatFilter(include_gone=True))

@@ -24,10 +24,10 @@ async def resync_scope(
     settings: Settings, kind: str, scope_id: str, *, on_retry: OnRetry | None = None
 ) -> SyncOutcome:
     """Sync one subscription or order now; the outcome says what changed (or that it is gone)."""
-    async with operating(settings) as services:
+    async with operating(settings) as resources:
         return await call_with_retries(
             lambda: sync_scope(
-                services, kind=kind, scope_id=scope_id, trigger="cli", lane="interactive"
+                resources, kind=kind, scope_id=scope_id, trigger="cli", lane="interactive"
             ),
             on_retry=on_retry,
         )
@@ -35,8 +35,8 @@ async def resync_scope(
 
 async def resync_everything(settings: Settings, *, progress: Progress) -> PassSummary:
     """A full pass now (resuming an interrupted one); PassBusyError while another runs."""
-    async with operating(settings) as services:
-        summary = await resync_all(services, trigger="cli", force=True, progress=progress)
+    async with operating(settings) as resources:
+        summary = await resync_all(resources, trigger="cli", force=True, progress=progress)
     assert summary is not None  # forced: a pass is always due
     return summary
 
@@ -59,11 +59,11 @@ async def verify_scopes(
     """Compare each (kind, id) in `scopes` (default: every mirrored scope) with Polar,
     reporting each scope as it is checked; repair the drift found when `repair`."""
     drifted = 0
-    async with operating(settings) as services:
-        targets = list(scopes) or await mirrored_scopes(services)
+    async with operating(settings) as resources:
+        targets = list(scopes) or await mirrored_scopes(resources)
         for kind, scope_id in targets:
             report = await call_with_retries(
-                functools.partial(verify_scope, services, kind, scope_id, repair=repair),
+                functools.partial(verify_scope, resources, kind, scope_id, repair=repair),
                 on_retry=on_retry,
             )
             on_report(report)
@@ -74,11 +74,11 @@ async def verify_scopes(
 
 async def remind(settings: Settings, *, dry_run: bool) -> RunReport:
     """Resend the invitations that expire soon, once each (or only list them)."""
-    async with operating(settings) as services:
-        return await remind_expiring(services, dry_run=dry_run, spread=0.0)
+    async with operating(settings) as resources:
+        return await remind_expiring(resources, dry_run=dry_run, spread=0.0)
 
 
 async def renew(settings: Settings, *, dry_run: bool) -> RunReport:
     """Renew expired invitations: revoke and assign the same recipient again (or only list)."""
-    async with operating(settings) as services:
-        return await renew_expired(services, dry_run=dry_run)
+    async with operating(settings) as resources:
+        return await renew_expired(resources, dry_run=dry_run)

@@ -12,7 +12,7 @@ from worker.platform.db import is_sqlite
 from worker.platform.migrate import check_schema, upgrade
 from worker.platform.redis import EmbeddedRedis
 from worker.query.mirror import running_redis_url
-from worker.resources import Services
+from worker.resources import PolarResources, Resources
 
 
 async def resolve_redis_url(
@@ -36,22 +36,22 @@ async def ensure_schema(settings: Settings) -> None:
     """Before a long-running process starts: SQLite upgrades itself, others must be current
     (SchemaBehindError otherwise)."""
     await prepare_database(settings)
-    services = await Services.start(settings, redis_url=None, polar=False)
+    resources = await Resources.create(settings)
     try:
-        await check_schema(services.engine)
+        await check_schema(resources.engine)
     finally:
-        await services.close()
+        await resources.aclose()
 
 
 @contextlib.asynccontextmanager
-async def operating(settings: Settings) -> AsyncIterator[Services]:
+async def operating(settings: Settings) -> AsyncIterator[PolarResources]:
     """Resources for a command that calls Polar: it shares the fleet's rate budget when a
     Redis (REDIS_URL, or a running private one) is there, and runs without one otherwise."""
     await prepare_database(settings)
     redis_url, _ = await resolve_redis_url(settings, start=False)
-    services = await Services.start(settings, redis_url=redis_url)
+    resources = await PolarResources.create(settings, redis_url=redis_url)
     try:
-        await check_schema(services.engine)
-        yield services
+        await check_schema(resources.engine)
+        yield resources
     finally:
-        await services.close()
+        await resources.aclose()

@@ -14,7 +14,7 @@ from worker.config import Settings
 from worker.platform.db import is_sqlite, sqlite_path
 
 if TYPE_CHECKING:
-    from worker.resources import Services
+    from worker.resources import Resources
 
 
 class NoDatabaseError(Exception):
@@ -44,19 +44,19 @@ async def running_redis_url(settings: Settings) -> str | None:
 
 
 @contextlib.asynccontextmanager
-async def reading(settings: Settings, *, redis_url: str | None = None) -> AsyncIterator[Services]:
-    """Read-only resources for a query: the database opened read-only after the checks above,
-    Redis only when `redis_url` is given, never a Polar client."""
+async def reading(settings: Settings) -> AsyncIterator[Resources]:
+    """Read-only resources for a query: the database, opened read-only after the checks
+    above. Nothing else: a query needs neither Polar nor the queue."""
     from worker.platform.migrate import check_schema
-    from worker.resources import Services
+    from worker.resources import Resources
 
     require_database_file(settings)
-    services = await Services.start(settings, redis_url=redis_url, polar=False, read_only=True)
+    mirror = await Resources.create(settings, read_only=True)
     try:
-        await check_schema(services.engine)
-        yield services
+        await check_schema(mirror.engine)
+        yield mirror
     finally:
-        await services.close()
+        await mirror.aclose()
 
 
 def database_failure(exc: BaseException) -> str | None:

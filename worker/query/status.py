@@ -17,7 +17,6 @@ from worker.models import InvitationReminder, InvitationRenewal, SeatScope, Sync
 from worker.polar.errors import CHECK_CONFIGURATION
 from worker.query.inbox import pending_deliveries
 from worker.query.mirror import reading, running_redis_url
-from worker.queue import QUEUE_NAME
 
 RECENT_PASSES = 5
 FAILING_SHOWN = 20
@@ -105,23 +104,41 @@ def _age_s(now: datetime, then: datetime | None) -> float | None:
     return round((now - then).total_seconds(), 1) if then is not None else None
 
 
+async def _redis_figures(settings: Settings) -> tuple[int | None, int | None]:
+    """(jobs queued, Polar calls spent in the current rate window) from the fleet's Redis:
+    REDIS_URL, or the private Redis when one is serving; (None, None) without one."""
+    redis_url = await running_redis_url(settings)
+    if redis_url is None:
+        return None, None
+    from arq.connections import create_pool
+
+    from worker.polar.budget import RedisBudget
+    from worker.queue import QUEUE_NAME, redis_settings
+
+    redis = await create_pool(redis_settings(redis_url))
+    try:
+        budget = RedisBudget(
+            redis,
+            settings.polar_requests_per_minute,
+            window_ms=int(settings.polar_rate_window_seconds * 1000),
+        )
+        return int(await redis.zcard(QUEUE_NAME)), await budget.used()
+    finally:
+        await redis.aclose()
+
+
 async def status_report(settings: Settings) -> dict[str, Any]:
     """The report `seat-sync status` prints (and its JSON): plain values only. Redis-only
     figures (queue depth, rate budget) are None when no Redis is reachable."""
     now = utcnow()
-    async with reading(settings, redis_url=await running_redis_url(settings)) as mirror:
-        async with mirror.sessions() as session:
-            passes = await _recent_passes(session)
-            failing = await _failing_scopes(session)
-            misconfigured = await _misconfigured_scopes(session)
-            pending, oldest = await pending_deliveries(session)
-            reminders = await _tally(session, col(InvitationReminder.outcome))
-            renewals = await _tally(session, col(InvitationRenewal.state))
-        queue_depth: int | None = None
-        budget_used: int | None = None
-        if mirror.redis is not None and mirror.budget is not None:
-            queue_depth = int(await mirror.redis.zcard(QUEUE_NAME))
-            budget_used = await mirror.budget.used()
+    async with reading(settings) as mirror, mirror.sessions() as session:
+        passes = await _recent_passes(session)
+        failing = await _failing_scopes(session)
+        misconfigured = await _misconfigured_scopes(session)
+        pending, oldest = await pending_deliveries(session)
+        reminders = await _tally(session, col(InvitationReminder.outcome))
+        renewals = await _tally(session, col(InvitationRenewal.state))
+    queue_depth, budget_used = await _redis_figures(settings)
     return {
         "polar": {
             "api_url": settings.polar_api_url,
