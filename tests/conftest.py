@@ -28,7 +28,7 @@ from tests.support.settings import (
 from worker.config import Settings
 from worker.platform.db import create_engine, session_factory
 from worker.platform.migrate import upgrade
-from worker.resources import Services
+from worker.resources import WorkerResources
 from worker.simulator.server import SimulatedPolar
 
 
@@ -125,9 +125,8 @@ def settings(database_url: str, sim: SimulatedPolar) -> Settings:
 
 
 @pytest.fixture
-async def services(settings: Settings, redis_url: str) -> AsyncIterator[Services]:
-    started = await Services.start(settings, redis_url=redis_url)
-    try:
+async def services(settings: Settings, redis_url: str) -> AsyncIterator[WorkerResources]:
+    """What the worker's jobs get: the database, Polar, the fleet's Redis and budget."""
+    started = await WorkerResources.create(settings, redis_url=redis_url)
+    async with contextlib.aclosing(started):
         yield started
-    finally:
-        await started.close()

@@ -42,7 +42,7 @@ from worker.intake.receiver import running
 from worker.models import SeatChange, utcnow
 from worker.polar.errors import Lane
 from worker.polar.schemas import SeatsList
-from worker.resources import Services
+from worker.resources import WorkerResources
 from worker.schedule.jobs import build_worker
 from worker.simulator.server import SimulatedPolar
 from worker.simulator.webhooks import DeliveryChaos
@@ -142,11 +142,9 @@ async def run_storm(database_url: str, redis_url: str, seed: int, profile: Profi
             before_mirror = await Mirror.load(database_url)
             before = mirror_differences(storm, before_mirror)
             owed = rung_after_last_change(history, before_mirror)
-            services = await Services.start(settings, redis_url=redis_url)
-            try:
-                summary = await resync.resync_all(services, trigger="chaos", force=True)
-            finally:
-                await services.close()
+            resources = await WorkerResources.create(settings, redis_url=redis_url)
+            async with contextlib.aclosing(resources):
+                summary = await resync.resync_all(resources, trigger="chaos", force=True)
             assert summary is not None
             assert summary.failed == 0, summary
     finally:
@@ -297,7 +295,10 @@ def test_the_seat_change_audit_rejects_impossible_histories(
 
 
 async def test_an_older_snapshot_landing_last_never_moves_the_mirror_back(
-    sim: SimulatedPolar, services: Services, settings: Settings, monkeypatch: pytest.MonkeyPatch
+    sim: SimulatedPolar,
+    services: WorkerResources,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Two syncs of one scope overlap (a job runs while its follow-up starts). The first
     takes its fetch timestamp, then waits for the shared rate budget; the second reads
@@ -313,9 +314,7 @@ async def test_an_older_snapshot_landing_last_never_moves_the_mirror_back(
     seat = sim.state.assign(subscription_id=sub_id, email="ada@example.com")
     await sync.sync_scope(services, kind="subscription", scope_id=sub_id)
 
-    budget = services.budget
-    polar = services.require_polar()
-    assert budget is not None
+    budget, polar = services.budget, services.polar
     real_acquire, real_list = budget.acquire, polar.list_scope_seats
     first_may_call, second_read, second_may_answer = (
         asyncio.Event(),
@@ -447,8 +446,8 @@ async def test_a_delivery_for_two_scopes_synced_at_once_is_closed(
     seats = [sim.state.assign(subscription_id=s, email="grace@example.com") for s in subs]
     async with running(settings, redis_url=redis_url) as url:
         sim.webhooks.configure(url=url, secret=secret_of(settings))
-        services = await Services.start(settings, redis_url=redis_url)
-        try:
+        services = await WorkerResources.create(settings, redis_url=redis_url)
+        async with contextlib.aclosing(services):
             for sub_id in subs:
                 await sync.sync_scope(services, kind="subscription", scope_id=sub_id)
             assert seats[0]["member_id"] == seats[1]["member_id"]
@@ -470,8 +469,6 @@ async def test_a_delivery_for_two_scopes_synced_at_once_is_closed(
             await asyncio.gather(
                 *(sync.sync_scope(services, kind="subscription", scope_id=s) for s in subs)
             )
-        finally:
-            await services.close()
 
     mirror = await Mirror.load(settings.database_url)
     [update] = [d for d in mirror.deliveries if d.event_type == "member.updated"]

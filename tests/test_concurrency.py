@@ -29,11 +29,10 @@ from tests.support.processes import (
 from tests.support.settings import SIM_TOKEN, WEBHOOK_SECRET, make_settings
 from tests.support.simulated import polar_from_the_past
 from tests.support.waiting import eventually
+from tests.support.workers import mirror_subscriptions
 from worker.models import InvitationReminder, SyncRun, WebhookDelivery
-from worker.resources import Services
 from worker.simulator.server import SimulatedPolar
 from worker.simulator.webhooks import DeliveryChaos, envelope_bytes
-from worker.sync.scope import sync_scope
 
 HOUR = 3600.0
 SCOPES = 60 if LONG else 30
@@ -175,12 +174,7 @@ async def test_reminders_run_from_several_processes_at_once_resend_each_invitati
         for n in range(10)
     ]
     state.advance(20 * HOUR)
-    services = await Services.start(make_settings(database_url, past_sim), redis_url=redis_url)
-    try:
-        for sub_id in subs:
-            await sync_scope(services, kind="subscription", scope_id=sub_id)
-    finally:
-        await services.close()
+    await mirror_subscriptions(make_settings(database_url, past_sim), redis_url, *subs)
     await db.add_recent_full_pass()
     past_sim.set_latency(0.03, "/resend")  # each batch takes a while: they overlap
     env = process_env(db.url, redis_url, past_sim, remind_spread_seconds=0)

@@ -37,7 +37,7 @@ from tests.support.processes import (
 from tests.support.settings import WEBHOOK_SECRET, make_settings
 from tests.support.simulated import polar_from_the_past
 from tests.support.waiting import eventually
-from tests.support.workers import run_worker_until_idle
+from tests.support.workers import mirror_subscriptions, run_worker_until_idle
 from worker import queue
 from worker.config import Settings
 from worker.intake.receiver import running
@@ -52,11 +52,9 @@ from worker.models import (
     WebhookDeliveryScope,
 )
 from worker.queue import REMIND_GATE_KEY
-from worker.resources import Services
 from worker.simulator.server import SimulatedPolar
 from worker.simulator.webhooks import envelope_bytes
 from worker.sync.resync import LOCK_KEY
-from worker.sync.scope import sync_scope
 
 HOUR = 3600.0
 SEATS_PATH = "/v1/customer-seats"
@@ -66,16 +64,6 @@ SEATS_PATH = "/v1/customer-seats"
 async def past_sim() -> AsyncIterator[SimulatedPolar]:
     async with polar_from_the_past(seed=7) as polar:
         yield polar
-
-
-async def mirror_scope(services_settings: Settings, redis_url: str, *scopes: str) -> None:
-    """Sync subscriptions into the mirror in this process (setup, before any crash)."""
-    services = await Services.start(services_settings, redis_url=redis_url)
-    try:
-        for scope_id in scopes:
-            await sync_scope(services, kind="subscription", scope_id=scope_id)
-    finally:
-        await services.close()
 
 
 def seat_lists(sim: SimulatedPolar) -> int:
@@ -252,7 +240,7 @@ async def test_a_worker_killed_mid_reminder_batch_resends_no_invitation_twice(
     state.advance(10 * HOUR)  # these invitations expire in 4 h: inside the 6 h window
     seats = [state.assign(subscription_id=sub_id, email=f"r{n}@example.com") for n in range(12)]
     state.advance(20 * HOUR)
-    await mirror_scope(make_settings(database_url, past_sim), redis_url, sub_id)
+    await mirror_subscriptions(make_settings(database_url, past_sim), redis_url, sub_id)
     await db.add_recent_full_pass()
     env = process_env(
         db.url, redis_url, past_sim, remind_interval_minutes=0.05, remind_spread_seconds=1.5
@@ -306,7 +294,7 @@ async def test_a_worker_killed_between_revoke_and_assign_renews_exactly_once(
     sub_id = state.create_subscription(seats=3)["id"]
     expired = state.assign(subscription_id=sub_id, email="late@example.com")
     state.advance(30 * HOUR)  # its invitation expired 6 h ago
-    await mirror_scope(make_settings(database_url, past_sim), redis_url, sub_id)
+    await mirror_subscriptions(make_settings(database_url, past_sim), redis_url, sub_id)
     await db.add_recent_full_pass()
     env = process_env(
         db.url, redis_url, past_sim, remind_interval_minutes=0.05, renew_expired_invitations=True

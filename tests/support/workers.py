@@ -1,11 +1,15 @@
-"""An in-process arq worker for tests that drive the queue themselves."""
+"""In-process work for tests that drive the queue themselves: an arq worker run until the
+queue is empty, and scopes synced directly as setup."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from worker.config import Settings
+from worker.resources import WorkerResources
 from worker.schedule.jobs import build_worker
+from worker.sync.scope import sync_scope
 
 
 async def run_worker_until_idle(
@@ -26,3 +30,12 @@ async def run_worker_until_idle(
     finally:
         await worker.close()
     return worker
+
+
+async def mirror_subscriptions(settings: Settings, redis_url: str, *subscription_ids: str) -> None:
+    """Sync these subscriptions into the mirror in this process (setup, before the test's
+    own processes start)."""
+    resources = await WorkerResources.create(settings, redis_url=redis_url)
+    async with contextlib.aclosing(resources):
+        for subscription_id in subscription_ids:
+            await sync_scope(resources, kind="subscription", scope_id=subscription_id)
