@@ -11,10 +11,11 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
 
-from worker.models import Seat, SeatChange, SeatScope, seat_json
-from worker.platform.db import create_engine, retry_transaction, session_factory
+from tests.support.reconcile import mirrored_seats, reconcile, seat_changes
+from worker.models import SeatChange, SeatScope, seat_json
+from worker.platform.db import create_engine, session_factory
 from worker.polar.schemas import CustomerSeat, SeatsList
-from worker.sync.reconcile import ReconcileResult, reconcile_scope
+from worker.sync.reconcile import ReconcileResult
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 SUB = str(uuid.uuid4())
@@ -78,41 +79,14 @@ async def apply(
     *,
     fetch_started_at: datetime | None = None,
 ) -> ReconcileResult:
-    started = fetch_started_at or datetime.now(UTC)
-
-    async def work(session: AsyncSession) -> ReconcileResult:
-        return await reconcile_scope(
-            session,
-            kind="subscription",
-            scope_id=SUB,
-            seats=listing,
-            fetch_started_at=started,
-            now=datetime.now(UTC),
-        )
-
-    return await retry_transaction(sessions, work)
-
-
-async def all_seats(sessions: async_sessionmaker[AsyncSession]) -> dict[str, Seat]:
-    async with sessions() as session:
-        return {s.id: s for s in (await session.execute(select(Seat))).scalars()}
-
-
-async def history(sessions: async_sessionmaker[AsyncSession], seat_id: str) -> list[SeatChange]:
-    async with sessions() as session:
-        rows = await session.execute(
-            select(SeatChange)
-            .where(col(SeatChange.seat_id) == seat_id)
-            .order_by(col(SeatChange.id))
-        )
-        return list(rows.scalars())
+    return await reconcile(sessions, listing, scope_id=SUB, fetch_started_at=fetch_started_at)
 
 
 async def test_first_sync_mirrors_every_key(sessions: async_sessionmaker[AsyncSession]) -> None:
     a, b = seat("s1"), seat("s2", status="claimed", email="bob@example.com")
     result = await apply(sessions, seats_list(a, b))
     assert (result.inserted, result.updated, result.unchanged) == (2, 0, 0)
-    mirrored = await all_seats(sessions)
+    mirrored = await mirrored_seats(sessions)
     for original in (a, b):
         expected = CustomerSeat.model_validate(original).model_dump(mode="json")
         got = CustomerSeat.model_validate(seat_json(mirrored[original["id"]])).model_dump(
@@ -129,10 +103,10 @@ async def test_first_sync_mirrors_every_key(sessions: async_sessionmaker[AsyncSe
 async def test_same_list_twice_writes_nothing(sessions: async_sessionmaker[AsyncSession]) -> None:
     listing = seats_list(seat("s1"), seat("s2", status="claimed", email="bob@example.com"))
     await apply(sessions, listing)
-    before = {k: v.synced_at for k, v in (await all_seats(sessions)).items()}
+    before = {k: v.synced_at for k, v in (await mirrored_seats(sessions)).items()}
     result = await apply(sessions, listing)
     assert (result.inserted, result.updated, result.unchanged, result.written) == (0, 0, 2, 0)
-    after = {k: v.synced_at for k, v in (await all_seats(sessions)).items()}
+    after = {k: v.synced_at for k, v in (await mirrored_seats(sessions)).items()}
     assert after == before
     async with sessions() as session:
         changes = (await session.execute(select(func.count()).select_from(SeatChange))).scalar_one()
@@ -145,7 +119,7 @@ async def test_claim_is_recorded_as_a_status_change(
     await apply(sessions, seats_list(seat("s1")))
     result = await apply(sessions, seats_list(seat("s1", status="claimed")))
     assert result.updated == 1
-    rows = await history(sessions, "s1")
+    rows = await seat_changes(sessions, "s1")
     assert [(r.change, r.old_status, r.new_status) for r in rows] == [
         ("created", None, "pending"),
         ("status", "pending", "claimed"),
@@ -157,10 +131,10 @@ async def test_revoke_keeps_the_holder_in_history(
 ) -> None:
     await apply(sessions, seats_list(seat("s1", status="claimed", email="carol@example.com")))
     await apply(sessions, seats_list(seat("s1", status="revoked", email=None)))
-    mirrored = (await all_seats(sessions))["s1"]
+    mirrored = (await mirrored_seats(sessions))["s1"]
     assert mirrored.status == "revoked"
     assert mirrored.email is None and mirrored.member_id is None  # Polar nulled them
-    last = (await history(sessions, "s1"))[-1]
+    last = (await seat_changes(sessions, "s1"))[-1]
     assert (last.old_status, last.new_status) == ("claimed", "revoked")
     assert last.old_email == "carol@example.com"
     assert last.old_member_id is not None
@@ -173,10 +147,10 @@ async def test_reused_slot_is_a_change_not_a_conflict(
     await apply(sessions, seats_list(seat("s1", status="claimed", email="dan@example.com")))
     await apply(sessions, seats_list(seat("s1", status="revoked", email=None)))
     await apply(sessions, seats_list(seat("s1", status="pending", email="erin@example.com")))
-    mirrored = await all_seats(sessions)
+    mirrored = await mirrored_seats(sessions)
     assert len(mirrored) == 1
     assert mirrored["s1"].email == "erin@example.com" and mirrored["s1"].status == "pending"
-    rows = await history(sessions, "s1")
+    rows = await seat_changes(sessions, "s1")
     assert [(r.old_email, r.new_email) for r in rows] == [
         (None, "dan@example.com"),
         ("dan@example.com", None),
@@ -190,7 +164,7 @@ async def test_missed_revoke_still_shows_who_lost_access(
     # The revoke webhook was lost: we go straight from Frank's claim to Gina's invitation.
     await apply(sessions, seats_list(seat("s1", status="claimed", email="frank@example.com")))
     await apply(sessions, seats_list(seat("s1", status="pending", email="gina@example.com")))
-    last = (await history(sessions, "s1"))[-1]
+    last = (await seat_changes(sessions, "s1"))[-1]
     assert (last.change, last.old_email, last.new_email) == (
         "status",
         "frank@example.com",
@@ -204,9 +178,9 @@ async def test_vanished_seat_is_marked_gone_not_deleted(
     await apply(sessions, seats_list(seat("s1"), seat("s2", email="hank@example.com")))
     result = await apply(sessions, seats_list(seat("s1")))
     assert result.gone == 1
-    mirrored = await all_seats(sessions)
+    mirrored = await mirrored_seats(sessions)
     assert mirrored["s2"].gone_at is not None and mirrored["s1"].gone_at is None
-    assert (await history(sessions, "s2"))[-1].change == "gone"
+    assert (await seat_changes(sessions, "s2"))[-1].change == "gone"
     again = await apply(sessions, seats_list(seat("s1")))
     assert again.written == 0
 
@@ -220,7 +194,7 @@ async def test_an_older_fetch_never_overwrites_a_newer_one(
         sessions, seats_list(seat("s1")), fetch_started_at=now - timedelta(seconds=5)
     )
     assert stale.stale
-    assert (await all_seats(sessions))["s1"].status == "claimed"
+    assert (await mirrored_seats(sessions))["s1"].status == "claimed"
 
 
 async def test_member_email_rewrite_is_a_holder_change(
@@ -235,7 +209,7 @@ async def test_member_email_rewrite_is_a_holder_change(
         sessions,
         seats_list(seat("s1", status="claimed", email="ivy@new.example", member_id=member_id)),
     )
-    last = (await history(sessions, "s1"))[-1]
+    last = (await seat_changes(sessions, "s1"))[-1]
     assert (last.change, last.old_email, last.new_email) == (
         "holder",
         "ivy@old.example",
@@ -255,7 +229,7 @@ async def test_concurrent_reconciles_of_one_scope(
         for e in engines:
             await e.dispose()
     assert sum(r.inserted for r in results) == 40
-    assert len(await all_seats(sessions)) == 40
+    assert len(await mirrored_seats(sessions)) == 40
     async with sessions() as session:
         created = (
             await session.execute(

@@ -1,0 +1,56 @@
+"""Reconcile driven directly against the test's database: one transaction per listing, as
+a sync job runs it, and the rows it leaves."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlmodel import col
+
+from worker.models import Seat, SeatChange
+from worker.platform.db import retry_transaction
+from worker.polar.schemas import SeatsList
+from worker.sync.reconcile import ReconcileResult, reconcile_scope
+
+
+async def reconcile(
+    sessions: async_sessionmaker[AsyncSession],
+    seats: SeatsList,
+    *,
+    scope_id: str,
+    kind: str = "subscription",
+    fetch_started_at: datetime | None = None,
+) -> ReconcileResult:
+    """Reconcile one scope's listing in its own transaction (fetched now by default)."""
+    started = fetch_started_at or datetime.now(UTC)
+
+    async def work(session: AsyncSession) -> ReconcileResult:
+        return await reconcile_scope(
+            session,
+            kind=kind,
+            scope_id=scope_id,
+            seats=seats,
+            fetch_started_at=started,
+            now=datetime.now(UTC),
+        )
+
+    return await retry_transaction(sessions, work)
+
+
+async def mirrored_seats(sessions: async_sessionmaker[AsyncSession]) -> dict[str, Seat]:
+    """Every seat row, gone ones included, by id."""
+    async with sessions() as session:
+        return {s.id: s for s in (await session.execute(select(Seat))).scalars()}
+
+
+async def seat_changes(
+    sessions: async_sessionmaker[AsyncSession], seat_id: str | None = None
+) -> list[SeatChange]:
+    """The history rows, oldest first: of one seat, or of all."""
+    query = select(SeatChange).order_by(col(SeatChange.id))
+    if seat_id is not None:
+        query = query.where(col(SeatChange.seat_id) == seat_id)
+    async with sessions() as session:
+        return list((await session.execute(query)).scalars())
