@@ -1,23 +1,52 @@
 """Authoritative seat list of one scope -> tables, in the caller's transaction (flush only).
 
-Idempotent: the same list applied twice writes nothing the second time. Serialised per
-scope by a row lock on seat_scope (SQLite: the whole write transaction is serialised), and
-an older fetch never overwrites the state written by a newer one.
+Idempotent: the same list applied twice writes no seat and no history row the second time.
+Serialised per scope by a row lock on seat_scope (SQLite: the whole write transaction is
+serialised), and an older fetch never overwrites the state written by a newer one.
+
+`reconcile_scope` runs at the speed of the driver: it converts every value into the form
+the driver stores exactly once, compares and writes those, and uses a handful of statements
+per scope whatever the number of seats:
+
+1. **Convert.** Polar's list becomes storage rows: one tuple per seat, every timestamp
+   already in the database's form (SQLite: naive UTC text `YYYY-MM-DD HH:MM:SS.ffffff`;
+   PostgreSQL: an aware `datetime`), the metadata as JSON text. No statement has run yet,
+   so on SQLite this happens before the write lock is taken.
+2. **Claim the scope.** One upsert of seat_scope writes the scope's new state (counts,
+   `last_synced_at`, `last_fetch_started_at`, errors cleared) only when no newer fetch has
+   landed, and takes the scope's row lock. Nothing returned: a newer fetch landed first, and
+   ours would move the mirror back; stop (`stale`), writing nothing.
+3. **Load** the scope's stored rows: id, Polar's columns and `gone_at`, exactly as stored.
+4. **Insert the seats the scope does not have** (`ON CONFLICT (id) DO NOTHING`). An id that
+   already exists under another container (a Polar bug, but it must not crash us) is not
+   inserted; its stored row is loaded and diffed like the scope's own. PostgreSQL finds
+   those ids from the insert's `RETURNING`, so an initial load looks no id up; SQLite looks
+   them up first with one primary-key probe (it serialises writers, so nothing can slip in
+   between).
+5. **Diff** in plain Python: a stored row equal to the new one is left alone; otherwise the
+   differing columns decide the history row (`returned`, `status`, `holder`, or none for
+   other fields), and a stored row of this scope missing from the list is `gone`.
+6. **Write** the plan: the updated rows, the gone ids, then the history rows, each one
+   statement (PostgreSQL: `unnest` of arrays) or one `executemany` (SQLite).
+7. **Answer the inbox**: every delivery for this scope received before the fetch started is
+   marked processed (`inbox.mark_scope_synced`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timezone, tzinfo
 from typing import Any
 
-from sqlalchemy import ARRAY, String, any_, cast, insert, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from pydantic_core import TzInfo
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlmodel import col
 
 from worker.intake import inbox
-from worker.models import Seat, SeatChange, SeatScope
+from worker.models import SeatScope
 from worker.platform.db import insert_ignoring_conflict
 from worker.polar.schemas import CustomerSeat, SeatsList
 
@@ -45,6 +74,36 @@ POLAR_COLUMNS = (
     "member_role",
 )
 _LOAD_COLUMNS = ("id", *POLAR_COLUMNS, "gone_at")
+_TIMESTAMPS = frozenset(c for c in POLAR_COLUMNS if c.endswith("_at"))
+_FIXED_OFFSETS = (timezone, TzInfo)
+_SCOPE_COLUMNS = {"subscription": "subscription_id", "order": "order_id"}
+_CHANGE_COLUMNS = (
+    "seat_id",
+    "scope_kind",
+    "scope_id",
+    "observed_at",
+    "change",
+    "old_status",
+    "new_status",
+    "old_email",
+    "new_email",
+    "old_member_id",
+    "new_member_id",
+    "old_customer_id",
+    "new_customer_id",
+    "polar_modified_at",
+    "sync_run_id",
+)
+
+# Positions in a storage row: ("id", *POLAR_COLUMNS) for new rows, plus "gone_at" for
+# stored ones (so a stored row's first _WIDTH values compare with a new row as they are).
+_AT = {name: index for index, name in enumerate(_LOAD_COLUMNS)}
+_WIDTH = 1 + len(POLAR_COLUMNS)
+_STATUS, _EMAIL, _CUSTOMER_EMAIL = _AT["status"], _AT["email"], _AT["customer_email"]
+_MEMBER_ID, _CUSTOMER_ID, _MODIFIED = _AT["member_id"], _AT["customer_id"], _AT["modified_at"]
+_GONE = _AT["gone_at"]
+
+Row = tuple[Any, ...]
 
 
 @dataclass
@@ -76,7 +135,7 @@ class ReconcileResult:
 
 
 def seat_row(seat: CustomerSeat) -> dict[str, Any]:
-    """Flatten a CustomerSeat into the seat table's Polar-owned columns."""
+    """Flatten a CustomerSeat into the seat table's Polar-owned columns (Python values)."""
     member = seat.member
     return {
         "id": seat.id,
@@ -103,14 +162,6 @@ def seat_row(seat: CustomerSeat) -> dict[str, Any]:
     }
 
 
-def _scope_column(kind: str) -> Any:
-    if kind == "subscription":
-        return Seat.subscription_id
-    if kind == "order":
-        return Seat.order_id
-    raise ValueError(f"unknown scope kind {kind!r}")
-
-
 async def lock_scope(session: AsyncSession, kind: str, scope_id: str, now: datetime) -> SeatScope:
     """Create the scope row if needed and hold its row lock until the transaction ends."""
     await session.execute(
@@ -127,71 +178,404 @@ async def lock_scope(session: AsyncSession, kind: str, scope_id: str, now: datet
     return row.scalar_one()
 
 
-def _address(row: dict[str, Any]) -> Any:
+# ---------------------------------------------------------------------- storage form
+
+
+def _json_text(value: Any) -> str:
+    # What SQLAlchemy's JSON type stores: json.dumps with its default separators, and
+    # Python None as the JSON text 'null' (not SQL NULL).
+    if value is None:
+        return "null"
+    return json.dumps(value) if value else "{}"  # {}: Polar's default metadata
+
+
+class _Backend:
+    """How one database stores values, and the few statements reconcile runs on it."""
+
+    name = ""
+    claim_sql: str
+    load_sql: dict[str, str]
+    # The fixed-offset tzinfo last seen at offset zero: pydantic parses every "Z" of a
+    # list into one shared object, so each timestamp costs an identity check, not a call.
+    _zero: tzinfo | None = None
+
+    def _naive_utc(self, value: datetime) -> datetime:
+        tz = value.tzinfo
+        if tz is self._zero or tz is UTC:
+            return value.replace(tzinfo=None)
+        offset = value.utcoffset()
+        if offset is None:
+            raise ValueError("naive datetime given to a UTC column")
+        if offset or type(tz) not in _FIXED_OFFSETS:
+            return value.astimezone(UTC).replace(tzinfo=None)
+        self._zero = tz
+        return value.replace(tzinfo=None)
+
+    def timestamp(self, value: datetime | None) -> Any:
+        raise NotImplementedError
+
+    def same(self, column: int, stored: Any, new: Any) -> bool:
+        """Whether two storage values that differ as values mean the same Polar value."""
+        if stored is None or new is None:
+            return False
+        name = _LOAD_COLUMNS[column]
+        if name == "seat_metadata":
+            try:
+                return bool(json.loads(stored) == json.loads(new))
+            except (TypeError, ValueError):
+                return False
+        return False
+
+    def storage_row(self, seat: CustomerSeat) -> Row:
+        """("id", *POLAR_COLUMNS) of one seat, every value in storage form."""
+        ts = self.timestamp
+        member = seat.member
+        if member is None:
+            member_values: tuple[Any, ...] = (None, None, None, None, None, None, None)
+        else:
+            member_values = (
+                ts(member.created_at),
+                ts(member.modified_at),
+                member.customer_id,
+                member.email,
+                member.name,
+                member.external_id,
+                member.role,
+            )
+        return (
+            seat.id,
+            ts(seat.created_at),
+            ts(seat.modified_at),
+            seat.subscription_id,
+            seat.order_id,
+            seat.status,
+            seat.customer_id,
+            seat.member_id,
+            seat.email,
+            seat.customer_email,
+            ts(seat.invitation_token_expires_at),
+            ts(seat.claimed_at),
+            ts(seat.revoked_at),
+            _json_text(seat.seat_metadata),
+            *member_values,
+        )
+
+    async def claim_scope(self, conn: AsyncConnection, values: Row) -> bool:
+        """Write the scope's new state unless a newer fetch landed; True when written."""
+        result = await conn.exec_driver_sql(self.claim_sql, values)
+        return result.first() is not None
+
+    async def load_scope(self, conn: AsyncConnection, kind: str, scope_id: str) -> list[Row]:
+        result = await conn.exec_driver_sql(self.load_sql[kind], (scope_id,))
+        return list(result.all())
+
+    async def insert_new(
+        self, conn: AsyncConnection, rows: list[Row], now: Any
+    ) -> tuple[set[str], list[Row]]:
+        """Insert `rows` where their id is free: (inserted ids, stored rows of the others)."""
+        raise NotImplementedError
+
+    async def update(self, conn: AsyncConnection, rows: list[Row], now: Any) -> None:
+        raise NotImplementedError
+
+    async def mark_gone(self, conn: AsyncConnection, ids: list[str], now: Any) -> None:
+        raise NotImplementedError
+
+    async def add_history(self, conn: AsyncConnection, rows: list[Row]) -> None:
+        raise NotImplementedError
+
+
+def _claim_sql(marks: Sequence[str]) -> str:
+    columns = (
+        "kind",
+        "scope_id",
+        "created_at",
+        "total_seats",
+        "available_seats",
+        "last_synced_at",
+        "last_attempt_at",
+        "last_fetch_started_at",
+        "consecutive_failures",
+    )
+    refreshed = columns[3:]
+    sets = ", ".join(f"{c} = excluded.{c}" for c in refreshed)
+    return (
+        f"INSERT INTO seat_scope ({', '.join(columns)}) VALUES ({', '.join(marks)}) "  # noqa: S608
+        f"ON CONFLICT (kind, scope_id) DO UPDATE SET {sets}, last_error = NULL, gone_at = NULL "
+        "WHERE seat_scope.last_fetch_started_at IS NULL "
+        "OR seat_scope.last_fetch_started_at <= excluded.last_fetch_started_at "
+        "RETURNING kind"
+    )
+
+
+_SELECT_STORED = ", ".join(_LOAD_COLUMNS)
+
+
+class _SQLite(_Backend):
+    name = "sqlite"
+
+    def __init__(self) -> None:
+        self.claim_sql = _claim_sql(["?"] * 9)
+        self.load_sql = {
+            kind: f"SELECT {_SELECT_STORED} FROM seat WHERE {column} = ?"  # noqa: S608
+            for kind, column in _SCOPE_COLUMNS.items()
+        }
+        self.probe_sql = (
+            f"SELECT {_SELECT_STORED} FROM seat "  # noqa: S608
+            "WHERE id IN (SELECT value FROM json_each(?))"
+        )
+        seat_columns = ("id", *POLAR_COLUMNS, "synced_at")
+        self.insert_sql = (
+            f"INSERT INTO seat ({', '.join(seat_columns)}) "  # noqa: S608
+            f"VALUES ({', '.join('?' for _ in seat_columns)})"
+        )
+        sets = ", ".join(f"{c} = ?" for c in POLAR_COLUMNS)
+        self.update_sql = f"UPDATE seat SET {sets}, synced_at = ?, gone_at = NULL WHERE id = ?"  # noqa: S608
+        self.gone_sql = (
+            "UPDATE seat SET gone_at = ?, synced_at = ? "
+            "WHERE id IN (SELECT value FROM json_each(?))"
+        )
+        self.history_sql = (
+            f"INSERT INTO seat_change ({', '.join(_CHANGE_COLUMNS)}) "  # noqa: S608
+            f"VALUES ({', '.join('?' for _ in _CHANGE_COLUMNS)})"
+        )
+
+    def timestamp(self, value: datetime | None) -> str | None:
+        # What UTCDateTime + SQLAlchemy's SQLite DATETIME store: naive UTC with microseconds.
+        if value is None:
+            return None
+        if value.tzinfo is self._zero:
+            return value.replace(tzinfo=None).isoformat(" ", "microseconds")
+        return self._naive_utc(value).isoformat(" ", "microseconds")
+
+    def same(self, column: int, stored: Any, new: Any) -> bool:
+        if _LOAD_COLUMNS[column] in _TIMESTAMPS and stored is not None and new is not None:
+            try:  # stored text in another spelling of the same instant
+                return datetime.fromisoformat(stored) == datetime.fromisoformat(new)
+            except (TypeError, ValueError):
+                return False
+        return super().same(column, stored, new)
+
+    async def insert_new(
+        self, conn: AsyncConnection, rows: list[Row], now: Any
+    ) -> tuple[set[str], list[Row]]:
+        ids = [row[0] for row in rows]
+        result = await conn.exec_driver_sql(self.probe_sql, (json.dumps(ids),))
+        strays: list[Row] = list(result.all())
+        taken = {row[0] for row in strays}
+        fresh = [(*row, now) for row in rows if row[0] not in taken]
+        if fresh:
+            await conn.exec_driver_sql(self.insert_sql, fresh)
+        return {row[0] for row in fresh}, strays
+
+    async def update(self, conn: AsyncConnection, rows: list[Row], now: Any) -> None:
+        await conn.exec_driver_sql(self.update_sql, [(*row[1:], now, row[0]) for row in rows])
+
+    async def mark_gone(self, conn: AsyncConnection, ids: list[str], now: Any) -> None:
+        await conn.exec_driver_sql(self.gone_sql, (now, now, json.dumps(ids)))
+
+    async def add_history(self, conn: AsyncConnection, rows: list[Row]) -> None:
+        await conn.exec_driver_sql(self.history_sql, rows)
+
+
+class _PostgreSQL(_Backend):
+    name = "postgresql"
+
+    def __init__(self) -> None:
+        self.claim_sql = _claim_sql([f"${n}" for n in range(1, 10)])
+        self.load_sql = {
+            kind: f"SELECT {self._stored()} FROM seat WHERE {column} = $1"  # noqa: S608
+            for kind, column in _SCOPE_COLUMNS.items()
+        }
+        self.probe_sql = f"SELECT {self._stored()} FROM seat WHERE id = ANY($1::varchar[])"  # noqa: S608
+        seat_columns = ("id", *POLAR_COLUMNS)
+        # The metadata travels as text and is cast in SQL: cheaper than a json[] codec.
+        arrays = ", ".join(
+            f"${n}::{'text' if c == 'seat_metadata' else self._type(c)}[]"
+            for n, c in enumerate(seat_columns, 1)
+        )
+        unnested = f"unnest({arrays}) AS v({', '.join(seat_columns)})"
+        values = ", ".join(
+            f"v.{c}::json" if c == "seat_metadata" else f"v.{c}" for c in seat_columns
+        )
+        now = len(seat_columns) + 1
+        self.insert_sql = (
+            f"INSERT INTO seat ({', '.join(seat_columns)}, synced_at) "  # noqa: S608
+            f"SELECT {values}, ${now}::timestamptz FROM {unnested} "
+            "ON CONFLICT (id) DO NOTHING RETURNING id"
+        )
+        sets = ", ".join(
+            f"{c} = v.{c}::json" if c == "seat_metadata" else f"{c} = v.{c}" for c in POLAR_COLUMNS
+        )
+        self.update_sql = (
+            f"UPDATE seat SET {sets}, synced_at = ${now}::timestamptz, gone_at = NULL "  # noqa: S608
+            f"FROM {unnested} WHERE seat.id = v.id"
+        )
+        self.gone_sql = "UPDATE seat SET gone_at = $1, synced_at = $1 WHERE id = ANY($2::varchar[])"
+        history = ", ".join(f"${n}::{self._type(c)}[]" for n, c in enumerate(_CHANGE_COLUMNS, 1))
+        self.history_sql = (
+            f"INSERT INTO seat_change ({', '.join(_CHANGE_COLUMNS)}) "  # noqa: S608
+            f"SELECT * FROM unnest({history})"
+        )
+
+    @staticmethod
+    def _stored() -> str:
+        # The metadata as the JSON text PostgreSQL keeps verbatim, not decoded.
+        return ", ".join(f"{c}::text" if c == "seat_metadata" else c for c in _LOAD_COLUMNS)
+
+    @staticmethod
+    def _type(column: str) -> str:
+        if column.endswith("_at"):
+            return "timestamptz"
+        if column == "seat_metadata":
+            return "json"
+        if column == "sync_run_id":
+            return "integer"
+        return "text"
+
+    def timestamp(self, value: datetime | None) -> datetime | None:
+        # asyncpg sends and returns aware datetimes; with the very tzinfo it returns
+        # (datetime.UTC), comparing a stored value with a new one needs no offset lookups.
+        if value is None or value.tzinfo is UTC:
+            return value
+        if value.tzinfo is self._zero:
+            return value.replace(tzinfo=UTC)
+        return self._naive_utc(value).replace(tzinfo=UTC)
+
+    async def insert_new(
+        self, conn: AsyncConnection, rows: list[Row], now: Any
+    ) -> tuple[set[str], list[Row]]:
+        result = await conn.exec_driver_sql(self.insert_sql, (*_columns(rows, _WIDTH), now))
+        inserted = {row[0] for row in result.all()}
+        if len(inserted) == len(rows):
+            return inserted, []
+        taken = [row[0] for row in rows if row[0] not in inserted]
+        found = await conn.exec_driver_sql(self.probe_sql, (taken,))
+        return inserted, list(found.all())
+
+    async def update(self, conn: AsyncConnection, rows: list[Row], now: Any) -> None:
+        await conn.exec_driver_sql(self.update_sql, (*_columns(rows, _WIDTH), now))
+
+    async def mark_gone(self, conn: AsyncConnection, ids: list[str], now: Any) -> None:
+        await conn.exec_driver_sql(self.gone_sql, (now, ids))
+
+    async def add_history(self, conn: AsyncConnection, rows: list[Row]) -> None:
+        await conn.exec_driver_sql(self.history_sql, _columns(rows, len(_CHANGE_COLUMNS)))
+
+
+def _columns(rows: Sequence[Row], width: int) -> tuple[list[Any], ...]:
+    """Rows -> one list per column (the arrays `unnest` turns back into rows)."""
+    if not rows:
+        return tuple([] for _ in range(width))
+    return tuple(list(values) for values in zip(*rows, strict=True))
+
+
+_BACKENDS: dict[str, _Backend] = {"sqlite": _SQLite(), "postgresql": _PostgreSQL()}
+
+
+# ---------------------------------------------------------------------- diff
+
+
+def _address(row: Row) -> Any:
     # `email` is set only with Polar's member model; without it the holder's address is
     # `customer_email`. A revoked seat has no holder (Polar nulls it), and its
     # customer_email may still name the billing customer, who is not the holder.
-    if row.get("status") == "revoked":
-        return row.get("email")
-    return row.get("email") or row.get("customer_email")
+    if row[_STATUS] == "revoked":
+        return row[_EMAIL]
+    return row[_EMAIL] or row[_CUSTOMER_EMAIL]
 
 
-def _holder(row: dict[str, Any]) -> tuple[Any, Any]:
+def _holder(row: Row) -> tuple[Any, Any]:
     # Identify the holder by member and address, never by customer_id: Polar flips its
     # meaning (billing customer vs the holder's own) when an organisation adopts members.
-    return row.get("member_id"), _address(row)
+    return row[_MEMBER_ID], _address(row)
 
 
-def _change_row(
+@dataclass
+class _Plan:
+    """What one reconcile writes, every value in storage form."""
+
+    updates: list[Row] = field(default_factory=list)
+    gone: list[str] = field(default_factory=list)
+    history: list[Row] = field(default_factory=list)
+    inserted: int = 0
+    updated: int = 0
+    unchanged: int = 0
+
+
+def _diff(
+    backend: _Backend,
     *,
-    seat_id: str,
-    kind: str,
-    scope_id: str,
-    now: datetime,
-    change: str,
-    old: dict[str, Any] | None,
-    new: dict[str, Any] | None,
+    fresh: Iterable[Row],
+    stored: dict[str, Row],
+    inserted: set[str],
+    scope: tuple[str, str],
+    now: Any,
     sync_run_id: int | None,
-) -> dict[str, Any]:
-    return {
-        "seat_id": seat_id,
-        "scope_kind": kind,
-        "scope_id": scope_id,
-        "observed_at": now,
-        "change": change,
-        "old_status": old["status"] if old else None,
-        "new_status": new["status"] if new else None,
-        "old_email": _address(old) if old else None,
-        "new_email": _address(new) if new else None,
-        "old_member_id": old["member_id"] if old else None,
-        "new_member_id": new["member_id"] if new else None,
-        "old_customer_id": old["customer_id"] if old else None,
-        "new_customer_id": new["customer_id"] if new else None,
-        "polar_modified_at": (new or old or {}).get("modified_at"),
-        "sync_run_id": sync_run_id,
-    }
+) -> _Plan:
+    plan = _Plan(inserted=len(inserted))
 
-
-async def _load_existing(
-    session: AsyncSession, kind: str, scope_id: str, ids: Iterable[str]
-) -> dict[str, dict[str, Any]]:
-    columns = [getattr(Seat, c) for c in _LOAD_COLUMNS]
-    result = await session.execute(select(*columns).where(_scope_column(kind) == scope_id))
-    existing = {row.id: dict(row._mapping) for row in result}
-    # A seat id seen under another container would be a Polar bug, but must not crash us.
-    strays = [i for i in ids if i not in existing]
-    postgres = session.get_bind().dialect.name == "postgresql"
-    for start in range(0, len(strays), 500):
-        chunk = strays[start : start + 500]
-        # One array parameter on PostgreSQL: a 500-parameter IN is re-planned every time.
-        where = (
-            col(Seat.id) == any_(cast(chunk, ARRAY(String)))
-            if postgres
-            else col(Seat.id).in_(chunk)
+    def history(change: str, old: Row | None, new: Row | None) -> None:
+        either = new if new is not None else old
+        assert either is not None
+        plan.history.append(
+            (
+                either[0],
+                *scope,
+                now,
+                change,
+                old[_STATUS] if old else None,
+                new[_STATUS] if new else None,
+                _address(old) if old else None,
+                _address(new) if new else None,
+                old[_MEMBER_ID] if old else None,
+                new[_MEMBER_ID] if new else None,
+                old[_CUSTOMER_ID] if old else None,
+                new[_CUSTOMER_ID] if new else None,
+                either[_MODIFIED],
+                sync_run_id,
+            )
         )
-        result = await session.execute(select(*columns).where(where))
-        existing.update({row.id: dict(row._mapping) for row in result})
-    return existing
+
+    seen: set[str] = set()
+    for new in fresh:
+        seat_id = new[0]
+        seen.add(seat_id)
+        if seat_id in inserted:
+            history("created", None, new)
+            continue
+        old = stored[seat_id]
+        returned = old[_GONE] is not None
+        if old[:_WIDTH] == new:
+            differs: set[int] = set()
+        else:
+            differs = {
+                i
+                for i in range(1, _WIDTH)
+                if old[i] != new[i] and not backend.same(i, old[i], new[i])
+            }
+        if not differs and not returned:
+            plan.unchanged += 1
+            continue
+        plan.updates.append(new)
+        if returned:
+            history("returned", old, new)
+        elif _STATUS in differs:
+            history("status", old, new)
+        elif _holder(old) != _holder(new):
+            history("holder", old, new)
+        # else: other fields only (names, timestamps, metadata): no history row
+    plan.updated = len(plan.updates)
+
+    scope_column = _AT[_SCOPE_COLUMNS[scope[0]]]
+    for seat_id, old in stored.items():
+        if seat_id not in seen and old[_GONE] is None and old[scope_column] == scope[1]:
+            plan.gone.append(seat_id)
+            history("gone", old, old)
+    return plan
+
+
+# ---------------------------------------------------------------------- reconcile
 
 
 async def reconcile_scope(
@@ -204,117 +588,63 @@ async def reconcile_scope(
     now: datetime,
     sync_run_id: int | None = None,
 ) -> ReconcileResult:
-    """Make the mirror of one scope equal `seats`, recording every change."""
+    """Make the mirror of one scope equal `seats`, recording every change (see the module
+    docstring for the steps)."""
+    if kind not in _SCOPE_COLUMNS:
+        raise ValueError(f"unknown scope kind {kind!r}")
     result = ReconcileResult(total_seats=seats.total_seats, available_seats=seats.available_seats)
-    scope = await lock_scope(session, kind, scope_id, now)
-    if scope.last_fetch_started_at is not None and scope.last_fetch_started_at > fetch_started_at:
+    backend = _BACKENDS[session.get_bind().dialect.name]
+    # 1. Convert (before the first statement: on SQLite, before the write lock).
+    ts = backend.timestamp
+    stamp = ts(now)
+    fresh = {seat.id: backend.storage_row(seat) for seat in seats.seats}
+
+    # 2. Claim the scope.
+    conn = await session.connection()
+    claimed = await backend.claim_scope(
+        conn,
+        (
+            kind,
+            scope_id,
+            stamp,
+            seats.total_seats,
+            seats.available_seats,
+            stamp,
+            stamp,
+            ts(fetch_started_at),
+            0,
+        ),
+    )
+    if not claimed:
         result.stale = True  # a newer fetch already landed; ours would move the mirror back
         return result
 
-    fresh = {s.id: seat_row(s) for s in seats.seats}
-    existing = await _load_existing(session, kind, scope_id, fresh)
-    inserts: list[dict[str, Any]] = []
-    updates: list[dict[str, Any]] = []
-    changes: list[dict[str, Any]] = []
+    # 3. Load, 4. insert what is new.
+    stored = {row[0]: row for row in await backend.load_scope(conn, kind, scope_id)}
+    new_rows = [row for seat_id, row in fresh.items() if seat_id not in stored]
+    inserted: set[str] = set()
+    if new_rows:
+        inserted, strays = await backend.insert_new(conn, new_rows, stamp)
+        stored.update((row[0], row) for row in strays)
 
-    for seat_id, new in fresh.items():
-        old = existing.get(seat_id)
-        if old is None:
-            inserts.append({**new, "synced_at": now, "gone_at": None})
-            changes.append(
-                _change_row(
-                    seat_id=seat_id,
-                    kind=kind,
-                    scope_id=scope_id,
-                    now=now,
-                    change="created",
-                    old=None,
-                    new=new,
-                    sync_run_id=sync_run_id,
-                )
-            )
-            continue
-        differs = {c for c in POLAR_COLUMNS if old[c] != new[c]}
-        returned = old["gone_at"] is not None
-        if not differs and not returned:
-            result.unchanged += 1
-            continue
-        updates.append({**new, "synced_at": now, "gone_at": None})
-        if returned:
-            change = "returned"
-        elif "status" in differs:
-            change = "status"
-        elif _holder(old) != _holder(new):
-            change = "holder"
-        else:
-            change = ""  # other fields only (names, timestamps, metadata): no history row
-        if change:
-            changes.append(
-                _change_row(
-                    seat_id=seat_id,
-                    kind=kind,
-                    scope_id=scope_id,
-                    now=now,
-                    change=change,
-                    old=old,
-                    new=new,
-                    sync_run_id=sync_run_id,
-                )
-            )
+    # 5. Diff, 6. write.
+    plan = _diff(
+        backend,
+        fresh=fresh.values(),
+        stored=stored,
+        inserted=inserted,
+        scope=(kind, scope_id),
+        now=stamp,
+        sync_run_id=sync_run_id,
+    )
+    if plan.updates:
+        await backend.update(conn, plan.updates, stamp)
+    if plan.gone:
+        await backend.mark_gone(conn, plan.gone, stamp)
+    if plan.history:
+        await backend.add_history(conn, plan.history)
 
-    vanished = [
-        old
-        for seat_id, old in existing.items()
-        if seat_id not in fresh
-        and old["gone_at"] is None
-        and old[_scope_column(kind).key] == scope_id
-    ]
-    for old in vanished:
-        updates.append({"id": old["id"], "gone_at": now, "synced_at": now})
-        changes.append(
-            _change_row(
-                seat_id=old["id"],
-                kind=kind,
-                scope_id=scope_id,
-                now=now,
-                change="gone",
-                old=old,
-                new=old,
-                sync_run_id=sync_run_id,
-            )
-        )
-
-    if inserts:
-        await session.execute(insert(Seat).execution_options(render_nulls=True), inserts)
-    if updates:
-        for group in _group_by_keys(updates):
-            await session.execute(update(Seat), group)
-    if changes:
-        await session.execute(insert(SeatChange).execution_options(render_nulls=True), changes)
-
-    result.inserted = len(inserts)
-    result.updated = len(updates) - len(vanished)
-    result.gone = len(vanished)
-    result.changes = [
-        SeatDiff(
-            c["seat_id"],
-            c["change"],
-            c["old_status"],
-            c["new_status"],
-            c["old_email"],
-            c["new_email"],
-        )
-        for c in changes
-    ]
-
-    scope.total_seats = seats.total_seats
-    scope.available_seats = seats.available_seats
-    scope.last_synced_at = now
-    scope.last_attempt_at = now
-    scope.last_fetch_started_at = fetch_started_at
-    scope.last_error = None
-    scope.consecutive_failures = 0
-    scope.gone_at = None
+    # 7. Answer the inbox.
     await inbox.mark_scope_synced(
         session,
         kind=kind,
@@ -323,16 +653,12 @@ async def reconcile_scope(
         now=now,
         sync_run_id=sync_run_id,
     )
-    await session.flush()
+    result.inserted, result.updated = plan.inserted, plan.updated
+    result.unchanged, result.gone = plan.unchanged, len(plan.gone)
+    result.changes = [
+        SeatDiff(row[0], row[4], row[5], row[6], row[7], row[8]) for row in plan.history
+    ]
     return result
-
-
-def _group_by_keys(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """ORM bulk UPDATE wants every row of one call to have the same keys."""
-    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault(tuple(sorted(row)), []).append(row)
-    return list(groups.values())
 
 
 async def record_failure(
