@@ -27,7 +27,7 @@ from bench.common import (
 )
 from worker.platform import logs
 from worker.polar.budget import LANE_RESERVE
-from worker.resources import Services
+from worker.resources import WorkerResources
 from worker.simulator.server import SimulatedPolar
 from worker.sync.resync import resync_all
 
@@ -52,13 +52,13 @@ async def main(args: argparse.Namespace) -> None:
                 polar_rate_window_seconds=args.window,
                 resync_concurrency=args.concurrency,
             )
-            services = await Services.start(settings, redis_url=redis_url)
+            resources = await WorkerResources.create(settings, redis_url=redis_url)
             try:
                 started = time.monotonic()
-                summary = await resync_all(services, trigger="bench", force=True)
+                summary = await resync_all(resources, trigger="bench", force=True)
                 wall = time.monotonic() - started
             finally:
-                await services.close()
+                await resources.aclose()
             seats = await _count(db_url)
     finally:
         await sim.stop()

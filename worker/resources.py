@@ -11,8 +11,8 @@ is looked up or checked at run time:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import cast
+from dataclasses import dataclass
+from typing import Any
 
 from arq.connections import ArqRedis, create_pool
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -67,6 +67,34 @@ def _polar_client(settings: Settings, budget: RedisBudget | None) -> PolarClient
     )
 
 
+async def _open_polar(
+    settings: Settings, redis_url: str | None
+) -> tuple[dict[str, Any], RedisBudget | None]:
+    """The fields of a Polar variant (engine, sessions, Redis when given, and a client
+    spending from the fleet's budget in that Redis), and that budget. Nothing stays open
+    if a step fails."""
+    settings.require_token()  # fail before opening anything
+    engine = create_engine(settings.database_url)
+    redis: ArqRedis | None = None
+    try:
+        redis = await create_pool(redis_settings(redis_url)) if redis_url is not None else None
+        budget = _budget(settings, redis) if redis is not None else None
+        polar = _polar_client(settings, budget)
+    except BaseException:
+        if redis is not None:
+            await redis.aclose()
+        await engine.dispose()
+        raise
+    fields = {
+        "settings": settings,
+        "engine": engine,
+        "sessions": session_factory(engine),
+        "polar": polar,
+        "redis": redis,
+    }
+    return fields, budget
+
+
 @dataclass(frozen=True, kw_only=True)
 class PolarResources(Resources):
     """The database and Polar: what syncing, the full resync, reminders and verification use."""
@@ -82,24 +110,8 @@ class PolarResources(Resources):
     async def create(  # type: ignore[override]
         cls, settings: Settings, *, redis_url: str | None
     ) -> PolarResources:
-        settings.require_token()  # fail before opening anything
-        engine = create_engine(settings.database_url)
-        redis: ArqRedis | None = None
-        try:
-            redis = await create_pool(redis_settings(redis_url)) if redis_url is not None else None
-            polar = _polar_client(settings, _budget(settings, redis) if redis else None)
-        except BaseException:
-            if redis is not None:
-                await redis.aclose()
-            await engine.dispose()
-            raise
-        return cls(
-            settings=settings,
-            engine=engine,
-            sessions=session_factory(engine),
-            polar=polar,
-            redis=redis,
-        )
+        fields, _ = await _open_polar(settings, redis_url)
+        return cls(**fields)
 
     async def aclose(self) -> None:
         try:
@@ -123,94 +135,6 @@ class WorkerResources(PolarResources):
     async def create(  # type: ignore[override]
         cls, settings: Settings, *, redis_url: str
     ) -> WorkerResources:
-        settings.require_token()  # fail before opening anything
-        engine = create_engine(settings.database_url)
-        redis: ArqRedis | None = None
-        try:
-            redis = await create_pool(redis_settings(redis_url))
-            budget = _budget(settings, redis)
-            polar = _polar_client(settings, budget)
-        except BaseException:
-            if redis is not None:
-                await redis.aclose()
-            await engine.dispose()
-            raise
-        return cls(
-            settings=settings,
-            engine=engine,
-            sessions=session_factory(engine),
-            polar=polar,
-            redis=redis,
-            budget=budget,
-        )
-
-
-# ---------------------------------------------------------------------- compatibility
-# TEMPORARY: the old optional-field shape, for callers not yet converted (process/, query/,
-# tests/conftest.py and tests outside this change). Delete once they use the classes above.
-
-
-class _NoPolarClient:
-    """Stands for the Polar client of a process started without one (`polar=False`)."""
-
-    def __getattr__(self, name: str) -> object:
-        raise RuntimeError("this process was started without a Polar client")
-
-
-@dataclass(frozen=True, kw_only=True)
-class Services(PolarResources):
-    """Deprecated: use Resources, PolarResources or WorkerResources."""
-
-    budget: RedisBudget | None = field(default=None)
-    has_polar: bool = True
-
-    @classmethod
-    async def start(
-        cls,
-        settings: Settings,
-        *,
-        redis_url: str | None,
-        polar: bool = True,
-        read_only: bool = False,
-    ) -> Services:
-        token = settings.require_token() if polar else None
-        engine = create_engine(settings.database_url, read_only=read_only)
-        redis: ArqRedis | None = None
-        try:
-            redis = await create_pool(redis_settings(redis_url)) if redis_url is not None else None
-        except BaseException:
-            await engine.dispose()
-            raise
-        budget = _budget(settings, redis) if redis is not None else None
-        client = (
-            _polar_client(settings, budget)
-            if token is not None
-            else cast(PolarClient, _NoPolarClient())
-        )
-        return cls(
-            settings=settings,
-            engine=engine,
-            sessions=session_factory(engine),
-            polar=client,
-            redis=redis,
-            budget=budget,
-            has_polar=token is not None,
-        )
-
-    def require_polar(self) -> PolarClient:
-        if not self.has_polar:
-            raise RuntimeError("this process was started without a Polar client")
-        return self.polar
-
-    async def aclose(self) -> None:
-        if self.has_polar:
-            await super().aclose()
-            return
-        try:
-            if self.redis is not None:
-                await self.redis.aclose()
-        finally:
-            await self.engine.dispose()
-
-    async def close(self) -> None:
-        await self.aclose()
+        fields, budget = await _open_polar(settings, redis_url)
+        assert budget is not None  # a Redis URL was given
+        return cls(**fields, budget=budget)
