@@ -1,16 +1,17 @@
-"""Prometheus metrics scraped over HTTP, and secrets kept out of logs, metrics and tables."""
+"""Prometheus metrics scraped over HTTP on METRICS_PORT, and secrets kept out of logs, metrics
+and tables."""
 
 from __future__ import annotations
 
 import asyncio
 import io
-import socket
 from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
+from tests.support.ports import free_port
 from tests.support.settings import SIM_TOKEN, WEBHOOK_SECRET
 from tests.support.workers import run_worker_until_idle
 from tests.test_webhooks import envelope, signed_headers
@@ -49,8 +50,11 @@ async def test_web_metrics_are_present_and_move(
 ) -> None:
     sub = sim.state.create_subscription(seats=3)
     seat = sim.state.assign(subscription_id=sub["id"], email="m@example.com")
-    async with running(settings, redis_url=redis_url) as hook_url:
-        metrics_url = hook_url.replace("/webhooks/polar", "/metrics")
+    port = free_port()
+    # A refresh interval shorter than the test's steps: every scrape reads the state afresh.
+    web = settings.model_copy(update={"metrics_port": port, "metrics_refresh_seconds": 0.01})
+    async with running(web, redis_url=redis_url) as hook_url:
+        metrics_url = f"http://127.0.0.1:{port}/metrics"
         before = await scrape(metrics_url)
         names = {name for name, _ in before}
         for expected in (
@@ -100,12 +104,6 @@ async def test_web_metrics_are_present_and_move(
     assert value(after, "seat_sync_seats", status="pending") == 1
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def test_worker_serves_metrics_on_its_port(settings: Settings, redis_url: str) -> None:
     port = free_port()
     worker = build_worker(
@@ -141,7 +139,9 @@ async def test_no_secret_in_logs_metrics_or_database(
         sub = sim.state.create_subscription(seats=2)
         seat = sim.state.assign(subscription_id=sub["id"], email="s@example.com")
         sim.add_fault("/v1/customer-seats", status=500, times=1)
-        async with running(settings, redis_url=redis_url) as hook_url:
+        port = free_port()
+        web = settings.model_copy(update={"metrics_port": port})
+        async with running(web, redis_url=redis_url) as hook_url:
             body = envelope("customer_seat.assigned", {**seat, "subscription_id": sub["id"]})
             async with httpx.AsyncClient() as client:
                 await client.post(
@@ -150,9 +150,7 @@ async def test_no_secret_in_logs_metrics_or_database(
                 await client.post(
                     hook_url, content=body, headers=signed_headers(body, secret="whsec_x")
                 )
-                exposition = (
-                    await client.get(hook_url.replace("/webhooks/polar", "/metrics"))
-                ).text
+                exposition = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
             await run_worker_until_idle(
                 settings.model_copy(update={"sync_retry_base_seconds": 0.01}), redis_url
             )

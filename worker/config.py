@@ -67,8 +67,15 @@ class Settings(BaseSettings):
     renew_expired_invitations: bool = False
     renew_max_per_recipient: int = Field(default=1, ge=0)
 
-    # The worker's Prometheus endpoint (the web process always serves /metrics).
+    # Prometheus's /metrics, on a port of its own (never the webhook port: that one is
+    # public, and the gauges cost database queries). Unset: no metrics endpoint.
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    # Loopback by default: scrapers reach it privately (0.0.0.0 in a container, where the
+    # pod or compose network is the boundary).
+    metrics_host: str = Field(default="127.0.0.1", min_length=1)
+    # The gauges read from the database and Redis are refreshed at most once per interval,
+    # however often /metrics is scraped.
+    metrics_refresh_seconds: float = Field(default=15.0, gt=0)
 
     log_format: str = Field(default="auto", pattern="^(auto|json|console)$")
     log_level: str = "INFO"

@@ -23,7 +23,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from worker import queue
@@ -346,8 +346,15 @@ class Receiver:
         return "ok"
 
 
-def create_app(settings: Settings, *, redis_url: str | None = None) -> Starlette:
-    """The receiver for these settings; Redis from `redis_url`, else REDIS_URL."""
+def create_app(
+    settings: Settings, *, redis_url: str | None = None, metrics_server: bool = True
+) -> Starlette:
+    """The receiver for these settings; Redis from `redis_url`, else REDIS_URL.
+
+    It answers only what Polar and a load balancer need: `POST /webhooks/polar`,
+    `GET /healthz`, `GET /readyz`; anything else is 404. `/metrics` is served on
+    METRICS_PORT by a server of its own, started with the app when `metrics_server` (and
+    METRICS_PORT is set): the webhook port is public, metrics are not."""
     secret = settings.require_webhook_secret().get_secret_value()
     redis_url = redis_url or settings.redis_url
     holder: dict[str, Receiver] = {}
@@ -361,13 +368,16 @@ def create_app(settings: Settings, *, redis_url: str | None = None) -> Starlette
             sessions=session_factory(engine),
             redis=lazy_redis(redis_url) if redis_url else None,
         )
-        holder["receiver"] = receiver
-        log.info("webhook_receiver_started", redis_configured=redis_url is not None)
         try:
-            yield
+            async with contextlib.AsyncExitStack() as stack:
+                if metrics_server and settings.metrics_port is not None:
+                    await stack.enter_async_context(_metrics(settings, receiver))
+                holder["receiver"] = receiver
+                log.info("webhook_receiver_started", redis_configured=redis_url is not None)
+                yield
         finally:
-            await receiver.close()
             holder.pop("receiver", None)
+            await receiver.close()
 
     def _receiver() -> Receiver:
         try:
@@ -377,22 +387,6 @@ def create_app(settings: Settings, *, redis_url: str | None = None) -> Starlette
 
     async def receive(request: Request) -> JSONResponse:
         return await _receiver().receive(request)
-
-    async def metrics_route(_request: Request) -> Response:
-        receiver = _receiver()
-        budget = (
-            RedisBudget(
-                receiver.redis,
-                settings.polar_requests_per_minute,
-                window_ms=int(settings.polar_rate_window_seconds * 1000),
-            )
-            if receiver.redis is not None
-            else None
-        )
-        async with asyncio.timeout(CHECK_TIMEOUT_SECONDS * 2):
-            await gauges.refresh(receiver.sessions, redis=receiver.redis, budget=budget)
-        body, content_type = metrics.render()
-        return Response(body, media_type=content_type)
 
     async def healthz(request: Request) -> JSONResponse:
         return await _receiver().healthz(request)
@@ -405,9 +399,32 @@ def create_app(settings: Settings, *, redis_url: str | None = None) -> Starlette
             Route(WEBHOOK_PATH, receive, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
-            Route("/metrics", metrics_route, methods=["GET"]),
         ],
         lifespan=lifespan,
+    )
+
+
+def _metrics(settings: Settings, receiver: Receiver) -> contextlib.AbstractAsyncContextManager[str]:
+    """The web process's metrics server, reading the gauges through the receiver's pools."""
+    assert settings.metrics_port is not None
+    budget = (
+        RedisBudget(
+            receiver.redis,
+            settings.polar_requests_per_minute,
+            window_ms=int(settings.polar_rate_window_seconds * 1000),
+        )
+        if receiver.redis is not None
+        else None
+    )
+
+    async def refresh() -> None:
+        await gauges.refresh(receiver.sessions, redis=receiver.redis, budget=budget)
+
+    return serving.metrics_running(
+        settings.metrics_port,
+        refresh,
+        every=settings.metrics_refresh_seconds,
+        host=settings.metrics_host,
     )
 
 
@@ -418,10 +435,12 @@ async def serve(
     port: int = 8000,
     redis_url: str | None = None,
     handle_signals: bool = True,
+    metrics_server: bool = True,
 ) -> None:
     """Run the receiver under uvicorn until SIGINT/SIGTERM (when `handle_signals`) or until
-    the calling task is cancelled; either way it shuts down gracefully."""
-    app = create_app(settings, redis_url=redis_url)
+    the calling task is cancelled; either way it shuts down gracefully. `metrics_server`:
+    see `create_app`."""
+    app = create_app(settings, redis_url=redis_url, metrics_server=metrics_server)
     await serving.serve(
         app, host=host, port=port, handle_signals=handle_signals, what="webhook receiver"
     )

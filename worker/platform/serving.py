@@ -1,5 +1,5 @@
 """Serving HTTP: an ASGI app under uvicorn, in the foreground or inside the running event loop,
-and the worker's small Prometheus endpoint."""
+and the Prometheus endpoint every long-running process serves on a port of its own."""
 
 from __future__ import annotations
 
@@ -11,7 +11,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import structlog
 import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 from starlette.types import ASGIApp
+
+from worker.platform import metrics
 
 log = structlog.get_logger("worker.platform.serving")
 
@@ -57,19 +63,29 @@ async def serve(
         raise RuntimeError(f"{what} failed to start on {host}:{port}")
 
 
-@contextlib.asynccontextmanager
-async def running(
-    app: ASGIApp, *, host: str = "127.0.0.1", port: int = 0, what: str = "server"
-) -> AsyncIterator[str]:
-    """Serve `app` inside the current event loop (tests, demo, benchmark) on a socket bound
-    here, so the port is known before serving; yields the base URL (`http://host:port`)."""
+def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted connections only when
     # the socket says TCP, and without it each response waits ~40 ms for a delayed ACK.
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.setblocking(False)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+@contextlib.asynccontextmanager
+async def running(
+    app: ASGIApp, *, host: str = "127.0.0.1", port: int = 0, what: str = "server"
+) -> AsyncIterator[str]:
+    """Serve `app` inside the current event loop on a socket bound here, so that the port
+    is known, and a port in use fails, before serving; yields the base URL
+    (`http://host:port`). Used by tests, the demo, the benchmarks and the metrics server."""
+    sock = _bind(host, port)
     bound_port = sock.getsockname()[1]
     config = uvicorn_config(app, host=host, port=bound_port)
     config.timeout_graceful_shutdown = 1
@@ -81,7 +97,7 @@ async def running(
                 await task
                 raise RuntimeError(f"{what} failed to start")
             await asyncio.sleep(0.005)
-        shown = f"[{host}]" if family == socket.AF_INET6 else host
+        shown = f"[{host}]" if sock.family == socket.AF_INET6 else host
         yield f"http://{shown}:{bound_port}"
     finally:
         server.should_exit = True
@@ -90,20 +106,110 @@ async def running(
         sock.close()
 
 
-async def serve_metrics(
-    port: int, refresh: Callable[[], Awaitable[None]], *, every: float = 10.0
-) -> None:
-    """Prometheus's text format on `port` (a thread of prometheus_client), with `refresh`
-    awaited every `every` seconds to update the gauges read from state; until cancelled."""
-    from prometheus_client import start_http_server
+# ---------------------------------------------------------------------- metrics
 
-    server, thread = start_http_server(port)
-    log.info("metrics_listening", port=port)
-    try:
-        while True:
-            started = time.monotonic()
-            await refresh()
-            await asyncio.sleep(max(1.0, every - (time.monotonic() - started)))
-    finally:
-        server.shutdown()
-        thread.join(timeout=5)
+# A scrape waits this long for a refresh in flight, then answers with the previous values
+# (Prometheus's default scrape timeout is 10 s); the refresh goes on for the next scrape.
+SCRAPE_WAIT_SECONDS = 5.0
+
+
+class ThrottledRefresh:
+    """Runs `refresh` at most once per `every` seconds, however often it is awaited.
+
+    The interval runs from the end of one refresh to the start of the next, so a slow
+    refresh cannot run back to back either. Callers that arrive while a refresh runs share
+    it; those that arrive within the interval after it return at once (the gauges keep the
+    values it set). A failed refresh counts as one: a database that is down is not asked
+    again on every scrape.
+    """
+
+    def __init__(
+        self,
+        refresh: Callable[[], Awaitable[None]],
+        *,
+        every: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._refresh = refresh
+        self.every = every
+        self._clock = clock
+        self._finished_at: float | None = None
+        self._in_flight: asyncio.Task[None] | None = None
+        self.rounds = 0
+        """Refreshes started so far."""
+
+    async def __call__(self, *, wait: float | None = None) -> None:
+        """Refresh if due, sharing one in flight; return after it, or after `wait`
+        seconds (the refresh then finishes on its own)."""
+        if self._in_flight is None:
+            if self._finished_at is not None and self._clock() - self._finished_at < self.every:
+                return
+            self.rounds += 1
+            self._in_flight = asyncio.create_task(self._run())
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait):
+                await asyncio.shield(self._in_flight)
+
+    async def _run(self) -> None:
+        try:
+            await self._refresh()
+        except Exception as exc:  # a scrape answers with the previous values
+            log.warning("metrics_refresh_failed", error=type(exc).__name__)
+        finally:
+            self._finished_at = self._clock()
+            self._in_flight = None
+
+    async def aclose(self) -> None:
+        task, self._in_flight = self._in_flight, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+def metrics_app(refresh: ThrottledRefresh) -> Starlette:
+    """`GET /metrics` in Prometheus's text format, after `refresh` (throttled); nothing
+    else (404)."""
+
+    async def scrape(_request: Request) -> Response:
+        await refresh(wait=SCRAPE_WAIT_SECONDS)
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await refresh.aclose()
+
+    return Starlette(routes=[Route("/metrics", scrape, methods=["GET"])], lifespan=lifespan)
+
+
+@contextlib.asynccontextmanager
+async def metrics_running(
+    port: int,
+    refresh: Callable[[], Awaitable[None]],
+    *,
+    every: float,
+    host: str = "127.0.0.1",
+) -> AsyncIterator[str]:
+    """The Prometheus endpoint on `host:port`, inside the current event loop, with
+    `refresh` (the gauges read from state) run at most once per `every` seconds however
+    often it is scraped; yields the URL of `/metrics`. A port in use fails here."""
+    throttled = ThrottledRefresh(refresh, every=every)
+    async with running(metrics_app(throttled), host=host, port=port, what="metrics") as url:
+        log.info("metrics_listening", host=host, port=port)
+        yield url + "/metrics"
+
+
+async def serve_metrics(
+    port: int,
+    refresh: Callable[[], Awaitable[None]],
+    *,
+    every: float = 15.0,
+    host: str = "127.0.0.1",
+) -> None:
+    """`metrics_running` until cancelled (the worker's metrics task)."""
+    async with metrics_running(port, refresh, every=every, host=host):
+        await asyncio.Event().wait()

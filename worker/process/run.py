@@ -42,12 +42,15 @@ async def run_worker(settings: Settings, *, web: Listen | None = None) -> None:
         if web is not None:
 
             async def receiver() -> None:
+                # One metrics server per process: the worker's (on METRICS_PORT) already
+                # shows the receiver's counters, which live in the same registry.
                 await serve(
                     settings,
                     host=web.host,
                     port=web.port,
                     redis_url=redis_url,
                     handle_signals=False,
+                    metrics_server=False,
                 )
 
             parts.append(receiver)
@@ -65,7 +68,8 @@ async def run_worker(settings: Settings, *, web: Listen | None = None) -> None:
 
 async def run_web(settings: Settings, *, listen: Listen) -> None:
     """The webhook receiver alone, until SIGTERM or SIGINT. It uses a Redis that is there
-    (REDIS_URL, or a running private one) and never starts one."""
+    (REDIS_URL, or a running private one) and never starts one. `/metrics` is on
+    METRICS_PORT (when set), never on the webhook port."""
     await ensure_schema(settings)
     redis_url, _ = await resolve_redis_url(settings, start=False)
     await serve(settings, host=listen.host, port=listen.port, redis_url=redis_url)

@@ -1,11 +1,10 @@
-"""The state-derived gauges: read from the database and Redis when metrics are scraped
-(web) or every few seconds (worker). Failures leave the previous values in place."""
+"""The state-derived gauges: one round of database and Redis reads. The metrics server
+(`worker.platform.serving.metrics_running`) runs it when scraped, at most once per
+METRICS_REFRESH_SECONDS however often that is. Failures leave the previous values in place."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import time
 from typing import TYPE_CHECKING
 
 import structlog
@@ -29,7 +28,6 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
     from worker.polar.budget import RedisBudget
-    from worker.resources import Services
 
 log = structlog.get_logger("worker.query.gauges")
 
@@ -74,19 +72,3 @@ async def refresh(
     if budget is not None:
         with contextlib.suppress(Exception):
             BUDGET_LEFT.set(max(0, budget.per_minute - await budget.used()))
-
-
-async def serve_worker_metrics(services: Services, port: int, *, every: float = 10.0) -> None:
-    """The worker's optional /metrics endpoint, refreshed in the background."""
-    from prometheus_client import start_http_server
-
-    server, thread = start_http_server(port)
-    log.info("metrics_listening", port=port)
-    try:
-        while True:
-            started = time.monotonic()
-            await refresh(services.sessions, redis=services.redis, budget=services.budget)
-            await asyncio.sleep(max(1.0, every - (time.monotonic() - started)))
-    finally:
-        server.shutdown()
-        thread.join(timeout=5)
