@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -29,7 +30,12 @@ from starlette.routing import Route
 from worker import queue
 from worker.config import Settings
 from worker.intake.inbox import Recorded, record_delivery
-from worker.intake.signature import SignatureRejectedError, signing_keys, verify_signature
+from worker.intake.signature import (
+    TOLERANCE_SECONDS,
+    SignatureRejectedError,
+    signing_keys,
+    verify_signature,
+)
 from worker.models import utcnow
 from worker.platform import metrics, serving
 from worker.platform.db import create_engine, retry_transaction, session_factory
@@ -79,21 +85,31 @@ class RejectedError(Exception):
         """The log event."""
 
 
-async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
-    """The body, refusing more than `limit` bytes whatever Content-Length claims."""
-    too_large = RejectedError(
+def _too_large(limit: int) -> RejectedError:
+    return RejectedError(
         413, "body_too_large", f"body larger than {limit} bytes", outcome="too_large"
     )
+
+
+def check_declared_length(request: Request, limit: int = MAX_BODY_BYTES) -> None:
+    """Refuse a Content-Length over `limit` before a byte of the body is read."""
     declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            length = int(declared)
-        except ValueError:
-            raise RejectedError(
-                400, "bad_content_length", "invalid content-length", outcome="bad_request"
-            ) from None
-        if length > limit:
-            raise too_large
+    if declared is None:
+        return
+    try:
+        length = int(declared)
+    except ValueError:
+        raise RejectedError(
+            400, "bad_content_length", "invalid content-length", outcome="bad_request"
+        ) from None
+    if length > limit:
+        raise _too_large(limit)
+
+
+async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The body, refusing more than `limit` bytes whatever Content-Length claims."""
+    check_declared_length(request, limit)
+    too_large = _too_large(limit)
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
@@ -121,6 +137,21 @@ def signed_headers(request: Request) -> tuple[str, str, str]:
             400, "webhook_id_too_long", "webhook-id too long", outcome="bad_request"
         )
     return webhook_id, timestamp, signature
+
+
+def check_timestamp(timestamp: str, *, now: float | None = None) -> None:
+    """Refuse a `webhook-timestamp` outside the replay window before the body is read, with
+    the reasons `verify_signature` gives (which checks it again, with the body)."""
+    try:
+        sent_at = int(timestamp)
+    except ValueError:
+        reason = "invalid_timestamp"
+    else:
+        current = time.time() if now is None else now
+        if abs(current - sent_at) <= TOLERANCE_SECONDS:
+            return
+        reason = "stale_timestamp" if sent_at < current else "future_timestamp"
+    raise RejectedError(403, reason, "signature verification failed", outcome="bad_signature")
 
 
 def parse_envelope(body: bytes) -> tuple[str, dict[str, Any]]:
@@ -174,6 +205,32 @@ def _problem(status: int, detail: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"detail": detail, **extra}, status_code=status)
 
 
+class _Sampler:
+    """Lets one log line through per `every` seconds and counts the ones it holds back:
+    anyone can send the receiver bad requests, as fast as they like, and a warning per
+    request would make a flood cost disk and CPU (the counter still counts each one)."""
+
+    def __init__(self, every: float) -> None:
+        self.every = every
+        self._next_at = 0.0
+        self._held = 0
+
+    def take(self) -> int | None:
+        """The number held back since the last line let through, or None to hold."""
+        now = time.monotonic()
+        if now < self._next_at:
+            self._held += 1
+            return None
+        held, self._held, self._next_at = self._held, 0, now + self.every
+        return held
+
+
+# Refusals of requests not proven to come from Polar (refused before or by the signature
+# check): at most one warning per 10 s. A signed payload refused later is always logged.
+_UNVERIFIED_OUTCOMES = frozenset({"bad_request", "too_large", "bad_signature"})
+_UNVERIFIED_LOGGED = _Sampler(10.0)
+
+
 def _refusal(
     rejected: RejectedError, *, webhook_id: str | None, event_type: str | None
 ) -> JSONResponse:
@@ -182,6 +239,12 @@ def _refusal(
     bound = log.bind(**{key: value for key, value in context.items() if value is not None})
     if rejected.status >= 500:
         bound.error(rejected.event, error=rejected.error)
+    elif rejected.outcome in _UNVERIFIED_OUTCOMES:
+        held = _UNVERIFIED_LOGGED.take()
+        if held is None:
+            bound.debug(rejected.event, reason=rejected.reason)
+        else:
+            bound.warning(rejected.event, reason=rejected.reason, refused_since_last_warning=held)
     elif rejected.error is not None:
         bound.warning(rejected.event, reason=rejected.reason, error=rejected.error)
     else:
@@ -197,6 +260,8 @@ class Receiver:
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
     redis: ArqRedis | None
+    # SYNC_QUIET_SECONDS and SYNC_MAX_WAIT_SECONDS, for the syncs this receiver requests.
+    window: queue.SyncWindow = field(default_factory=queue.SyncWindow)
     # Derived once per process, not per request.
     keys: tuple[bytes, ...] = field(init=False, repr=False)
 
@@ -219,8 +284,12 @@ class Receiver:
         webhook_id: str | None = None
         event_type: str | None = None
         try:
-            body = await read_body(request)
+            # The cheap refusals first: a flood of unsigned or stale requests costs no body
+            # read, and nothing reaches the database or Redis before the signature holds.
+            check_declared_length(request)
             webhook_id, timestamp, signature = signed_headers(request)
+            check_timestamp(timestamp)
+            body = await read_body(request)
             self._verify(webhook_id, timestamp, signature, body)
             raw, envelope = parse_envelope(body)
             event_type = str(envelope["type"])
@@ -306,7 +375,9 @@ class Receiver:
         try:
             async with asyncio.timeout(ENQUEUE_TIMEOUT_SECONDS):
                 for ref in recorded.scopes:
-                    if await queue.request_sync(self.redis, ref.kind, ref.scope_id):
+                    if await queue.request_sync(
+                        self.redis, ref.kind, ref.scope_id, window=self.window
+                    ):
                         enqueued += 1
         except Exception as exc:  # Redis down or slow: answer 202 anyway
             bound.warning("webhook_enqueue_failed", error=type(exc).__name__)
@@ -367,6 +438,7 @@ def create_app(
             engine=engine,
             sessions=session_factory(engine),
             redis=lazy_redis(redis_url) if redis_url else None,
+            window=queue.SyncWindow.of(settings),
         )
         try:
             async with contextlib.AsyncExitStack() as stack:
