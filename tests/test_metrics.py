@@ -13,12 +13,13 @@ from sqlalchemy import text
 
 from tests.support.ports import free_port
 from tests.support.settings import SIM_TOKEN, WEBHOOK_SECRET
+from tests.support.webhooks import envelope, signed_headers
 from tests.support.workers import run_worker_until_idle
-from tests.test_webhooks import envelope, signed_headers
 from worker.config import Settings
 from worker.intake.receiver import running
 from worker.platform import logs
 from worker.platform.db import create_engine
+from worker.platform.serving import ThrottledRefresh
 from worker.schedule.jobs import build_worker
 from worker.simulator.server import SimulatedPolar
 
@@ -168,3 +169,52 @@ async def test_no_secret_in_logs_metrics_or_database(
     assert "scope_synced" in captured.getvalue()  # the capture really saw the worker's logs
     for secret in (SIM_TOKEN, WEBHOOK_SECRET, WEBHOOK_SECRET.removeprefix("whsec_")):
         assert secret not in everything
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_a_slow_refresh_holds_a_scrape_no_longer_than_its_wait() -> None:
+    """A scrape answers with the previous values when the refresh takes too long; the
+    refresh goes on, and scrapes meanwhile share it instead of starting another."""
+    release = asyncio.Event()
+    started = 0
+
+    async def slow() -> None:
+        nonlocal started
+        started += 1
+        await release.wait()
+
+    clock = FakeClock()
+    throttled = ThrottledRefresh(slow, every=15, clock=clock)
+    await asyncio.wait_for(throttled(wait=0.05), 1)
+    await asyncio.wait_for(throttled(wait=0.05), 1)
+    assert started == 1
+    release.set()
+    await asyncio.wait_for(throttled(), 1)  # shares the one in flight, to its end
+    assert started == 1
+
+
+async def test_a_failed_refresh_waits_for_the_interval_like_any_other() -> None:
+    """A database that is down is not asked again on every scrape."""
+    calls = 0
+
+    async def failing() -> None:
+        nonlocal calls
+        calls += 1
+        raise ConnectionError("database down")
+
+    clock = FakeClock()
+    throttled = ThrottledRefresh(failing, every=15, clock=clock)
+    await throttled()
+    clock.now = 14.9
+    await throttled()
+    assert calls == 1
+    clock.now = 15.1
+    await throttled()
+    assert calls == 2
