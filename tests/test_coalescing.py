@@ -4,9 +4,12 @@ under uvicorn, an arq worker syncs from the simulated API, and nothing is lost o
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
 import socket
 import time
 from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -15,15 +18,18 @@ from arq.connections import create_pool
 from sqlalchemy import func, select
 from sqlmodel import col
 
+from tests.support.workers import mirror_subscriptions
 from worker import queue
 from worker.config import Settings
 from worker.intake.receiver import running
-from worker.models import Seat, WebhookDelivery, WebhookDeliveryScope
+from worker.models import Seat, SyncRun, WebhookDelivery, WebhookDeliveryScope
 from worker.platform.db import create_engine, session_factory
 from worker.schedule.jobs import build_worker
 from worker.simulator.server import SimulatedPolar
 
 SEATS_PATH = "/v1/customer-seats"
+# Database timestamps and the queue's millisecond scores, compared across clocks' rounding.
+CLOCK_SLACK = timedelta(milliseconds=20)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -48,23 +54,21 @@ async def receiver(settings: Settings, redis_url: str, sim: SimulatedPolar) -> A
         await sim.webhooks.flush()
 
 
-class BurstWorker:
+class BackgroundWorker:
     """An in-process arq worker running in the background until its queue is empty.
 
-    Its cron jobs are off: what these tests prove must happen without any periodic
-    resync or sweep, and the list-call counts must be exact.
+    Not arq's burst mode: that stops as soon as the queue is empty, even for an instant
+    between a sync and the change the test makes next. Its cron jobs are off: what these
+    tests prove must happen without any periodic resync or sweep, and the list-call
+    counts must be exact.
     """
 
     def __init__(self, settings: Settings, redis_url: str, *, max_jobs: int = 10) -> None:
         # Polar answers held list calls late on purpose; do not time them out.
         patient = settings.model_copy(update={"polar_timeout_seconds": 60.0})
+        self.redis_url = redis_url
         self.worker = build_worker(
-            patient,
-            redis_url,
-            burst=True,
-            handle_signals=False,
-            max_jobs=max_jobs,
-            cron_jobs=False,
+            patient, redis_url, handle_signals=False, max_jobs=max_jobs, cron_jobs=False
         )
         self.task: asyncio.Task[None] | None = None
 
@@ -72,22 +76,40 @@ class BurstWorker:
         self.task = asyncio.create_task(self.worker.async_run())
 
     async def finish(self, within: float = 30.0) -> None:
+        """Once every change was acknowledged: wait until no job waits or runs, then stop."""
         assert self.task is not None
+        client = aioredis.Redis.from_url(self.redis_url)
         try:
             async with asyncio.timeout(within):
-                await self.task
+                while await client.zcard(queue.QUEUE_NAME) or self.worker.job_counter:
+                    if self.task.done():
+                        self.task.result()  # the worker died: say why
+                        pytest.fail("the worker stopped with jobs in its queue")
+                    await asyncio.sleep(0.05)
         finally:
+            await client.aclose()
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
             await self.worker.close()
 
 
 async def run_worker_until_idle(settings: Settings, redis_url: str, max_jobs: int = 10) -> None:
-    burst = BurstWorker(settings, redis_url, max_jobs=max_jobs)
+    burst = BackgroundWorker(settings, redis_url, max_jobs=max_jobs)
     burst.start()
     await burst.finish()
 
 
 def seat_lists(sim: SimulatedPolar) -> int:
     return sim.log.count(method="GET", path_prefix=SEATS_PATH)
+
+
+def lists_per_subscription(sim: SimulatedPolar, subs: list[str]) -> dict[str, int]:
+    return {
+        sub_id: sim.log.count(
+            method="GET", path_prefix=SEATS_PATH, query={"subscription_id": sub_id}
+        )
+        for sub_id in subs
+    }
 
 
 def polar_view(sim: SimulatedPolar, subscription_id: str) -> set[tuple[Any, ...]]:
@@ -166,7 +188,7 @@ async def test_a_thousand_events_over_fifty_scopes_cost_at_most_two_lists_each(
 
     # Every scope's first sync fetches, and is held in flight while 500 more events land.
     hold = sim.hold_list_seats(60)
-    burst = BurstWorker(settings, redis_url, max_jobs=50)
+    burst = BackgroundWorker(settings, redis_url, max_jobs=50)
     burst.start()
     await wait_for(lambda: hold.held == 50)
     five_assigned_and_claimed(2)
@@ -177,7 +199,7 @@ async def test_a_thousand_events_over_fifty_scopes_cost_at_most_two_lists_each(
     delivered = [a for a in sim.webhooks.attempts if a.ok]
     assert len([a for a in delivered if a.type.startswith("customer_seat.")]) == 1000
     assert all_acknowledged(sim)
-    assert seat_lists(sim) <= 100
+    assert max(lists_per_subscription(sim, subs).values()) <= 2
     for sub_id in subs:
         assert await mirror_view(settings, sub_id) == polar_view(sim, sub_id)
     counts = await inbox_counts(settings)
@@ -194,7 +216,7 @@ async def test_a_change_during_an_in_flight_sync_is_mirrored_without_a_resync(
     await sim.webhooks.flush()
 
     hold = sim.hold_list_seats(60, snapshot="before", container_id=sub_id)
-    burst = BurstWorker(settings, redis_url)
+    burst = BackgroundWorker(settings, redis_url)
     burst.start()
     await hold.wait_entered()  # the fetch started, and will answer "pending"
     sim.state.claim(seat["id"])
@@ -321,3 +343,229 @@ async def test_events_about_containers_without_seats_are_accepted_and_ignored(
         assert await client.keys("seat-sync:queued:*") == []
     finally:
         await client.aclose()
+
+
+# ---------------------------------------------------------------------- leading + trailing edges
+
+
+def windowed(settings: Settings, *, quiet: float, max_wait: float) -> Settings:
+    return settings.model_copy(
+        update={"sync_quiet_seconds": quiet, "sync_max_wait_seconds": max_wait}
+    )
+
+
+@contextlib.asynccontextmanager
+async def receiving(sim: SimulatedPolar, settings: Settings, redis_url: str) -> AsyncIterator[None]:
+    """The receiver with these settings, the simulator's webhooks pointed at it."""
+    async with running(settings, redis_url=redis_url) as url:
+        sim.webhooks.configure(url=url, secret=secret_of(settings))
+        yield
+        await sim.webhooks.flush()
+
+
+async def quiet_subscription(sim: SimulatedPolar, settings: Settings, redis_url: str) -> str:
+    """A subscription with one seat, already mirrored, whose creation sent no webhook: no
+    sync of it waits or runs and it had no change, so its scope is quiet."""
+    sub_id = sim.state.create_subscription(seats=8)["id"]
+    sim.state.assign(subscription_id=sub_id, email="first@example.com")
+    sim.state.drain_outbox()
+    await mirror_subscriptions(settings, redis_url, sub_id)
+    sim.log.clear()
+    return sub_id
+
+
+async def acknowledged(sim: SimulatedPolar) -> list[str]:
+    """Deliver the webhooks of the changes just made; their ids, all acknowledged."""
+    before = len(sim.webhooks.attempts)
+    await sim.webhooks.flush()
+    sent = sim.webhooks.attempts[before:]
+    assert sent and all(a.ok for a in sent)
+    return [a.webhook_id for a in sent]
+
+
+async def change(sim: SimulatedPolar, sub_id: str, n: int) -> list[str]:
+    """One seat assigned in Polar; its webhooks, acknowledged."""
+    sim.state.assign(subscription_id=sub_id, email=f"change{n}@example.com")
+    return await acknowledged(sim)
+
+
+async def churn(sim: SimulatedPolar, sub_id: str, n: int) -> list[str]:
+    """A seat assigned, or every other time a pending one revoked (so the seats never run
+    out); its webhooks, acknowledged."""
+    pending = [
+        seat["id"]
+        for seat in sim.state.list_seats(subscription_id=sub_id)["seats"]
+        if seat["status"] == "pending"
+    ]
+    if n % 2 and pending:
+        sim.state.revoke(pending[-1])
+        return await acknowledged(sim)
+    return await change(sim, sub_id, n)
+
+
+async def received_at(settings: Settings, webhook_ids: list[str]) -> datetime:
+    """When the receiver got the last of these deliveries."""
+    engine = create_engine(settings.database_url)
+    try:
+        async with session_factory(engine)() as session:
+            query = select(func.max(col(WebhookDelivery.received_at))).where(
+                col(WebhookDelivery.webhook_id).in_(webhook_ids)
+            )
+            value = await session.scalar(query)
+            assert value is not None
+            return value
+    finally:
+        await engine.dispose()
+
+
+async def sync_starts(settings: Settings, sub_id: str) -> list[datetime]:
+    """When each sync of the scope the queue ran started, in order."""
+    engine = create_engine(settings.database_url)
+    try:
+        async with session_factory(engine)() as session:
+            rows = await session.execute(
+                select(col(SyncRun.started_at))
+                .where(col(SyncRun.scope_id) == sub_id, col(SyncRun.job_id).is_not(None))
+                .order_by(col(SyncRun.started_at))
+            )
+            return list(rows.scalars())
+    finally:
+        await engine.dispose()
+
+
+async def queued_starts(redis_url: str) -> list[float]:
+    """When each job in the queue may start (Unix seconds)."""
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        return [s / 1000 for _, s in await client.zrange(queue.QUEUE_NAME, 0, -1, withscores=True)]
+    finally:
+        await client.aclose()
+
+
+async def test_a_lone_change_is_synced_at_once(
+    sim: SimulatedPolar, settings: Settings, redis_url: str
+) -> None:
+    # A quiet period far longer than the test: were the sync deferred, it would show.
+    patient = windowed(settings, quiet=60.0, max_wait=120.0)
+    sub_id = await quiet_subscription(sim, patient, redis_url)
+    async with receiving(sim, patient, redis_url):
+        await change(sim, sub_id, 1)
+        acknowledged = time.time()
+
+    assert [start <= acknowledged for start in await queued_starts(redis_url)] == [True]
+    await run_worker_until_idle(patient, redis_url)
+    assert seat_lists(sim) == 1
+    assert await mirror_view(patient, sub_id) == polar_view(sim, sub_id)
+    assert (await inbox_counts(patient))["open_scopes"] == 0
+
+
+async def test_changes_during_a_sync_share_one_follow_up_started_after_the_quiet_period(
+    sim: SimulatedPolar, settings: Settings, redis_url: str
+) -> None:
+    window = windowed(settings, quiet=1.0, max_wait=60.0)
+    sub_id = await quiet_subscription(sim, window, redis_url)
+    async with receiving(sim, window, redis_url):
+        hold = sim.hold_list_seats(60, snapshot="before", container_id=sub_id)
+        await change(sim, sub_id, 1)
+        burst = BackgroundWorker(window, redis_url)
+        burst.start()
+        await hold.wait_entered()  # the leading sync fetches
+        last: list[str] = []
+        for n in range(2, 7):
+            last = await change(sim, sub_id, n)
+        sim.release_hold()
+        await burst.finish()
+
+    assert seat_lists(sim) == 2
+    lead, follow_up = await sync_starts(window, sub_id)
+    last_change = await received_at(window, last)
+    assert lead < last_change
+    assert follow_up >= last_change + timedelta(seconds=1.0) - CLOCK_SLACK
+    assert await mirror_view(window, sub_id) == polar_view(sim, sub_id)
+    assert (await inbox_counts(window))["open_scopes"] == 0
+
+
+async def test_a_change_during_the_follow_ups_fetch_gets_a_follow_up_of_its_own(
+    sim: SimulatedPolar, settings: Settings, redis_url: str
+) -> None:
+    window = windowed(settings, quiet=0.5, max_wait=60.0)
+    sub_id = await quiet_subscription(sim, window, redis_url)
+    async with receiving(sim, window, redis_url):
+        lead_fetch = sim.hold_list_seats(60, snapshot="before", container_id=sub_id)
+        await change(sim, sub_id, 1)
+        burst = BackgroundWorker(window, redis_url)
+        burst.start()
+        await lead_fetch.wait_entered()
+        await change(sim, sub_id, 2)  # -> the follow-up, after the quiet period
+        sim.release_hold()
+        follow_up_fetch = sim.hold_list_seats(60, snapshot="before", container_id=sub_id)
+        await follow_up_fetch.wait_entered(max_wait=20)
+        during = await change(sim, sub_id, 3)  # lands while the follow-up fetches
+        sim.release_hold()
+        await burst.finish()
+
+    # The follow-up read Polar before change 3, so change 3 got a sync of its own.
+    assert seat_lists(sim) == 3
+    lead, follow_up, last = await sync_starts(window, sub_id)
+    change_3 = await received_at(window, during)
+    assert lead < follow_up < change_3 <= last
+    assert await mirror_view(window, sub_id) == polar_view(sim, sub_id)
+    assert "change3@example.com" in {email for _, _, email, _ in await mirror_view(window, sub_id)}
+    assert (await inbox_counts(window))["open_scopes"] == 0
+
+
+async def test_a_burst_longer_than_the_max_wait_is_synced_during_it(
+    sim: SimulatedPolar, settings: Settings, redis_url: str
+) -> None:
+    # Changes every ~0.2 s for ~4 s: the scope is never quiet for 1 s until the end.
+    window = windowed(settings, quiet=1.0, max_wait=1.5)
+    sub_id = await quiet_subscription(sim, window, redis_url)
+    async with receiving(sim, window, redis_url):
+        started = time.monotonic()
+        last = await churn(sim, sub_id, 0)
+        burst = BackgroundWorker(window, redis_url)
+        burst.start()
+        n = 0
+        while time.monotonic() - started < 4.0:
+            await asyncio.sleep(0.2)
+            n += 1
+            last = await churn(sim, sub_id, n)
+        duration = time.monotonic() - started
+        await burst.finish()
+
+    starts = await sync_starts(window, sub_id)
+    last_change = await received_at(window, last)
+    # A follow-up ran while changes kept coming: it did not wait for the scope to be quiet.
+    assert any(start < last_change for start in starts[1:])
+    assert 3 <= seat_lists(sim) <= 1 + math.ceil(duration / 1.5)
+    assert await mirror_view(window, sub_id) == polar_view(sim, sub_id)
+    assert (await inbox_counts(window))["open_scopes"] == 0
+
+
+async def test_a_redelivery_costs_no_list_call_while_its_sync_waits_runs_or_is_done(
+    sim: SimulatedPolar, settings: Settings, redis_url: str
+) -> None:
+    window = windowed(settings, quiet=0.5, max_wait=60.0)
+    sub_id = await quiet_subscription(sim, window, redis_url)
+
+    async def redeliver(webhook_ids: list[str]) -> None:
+        for webhook_id in webhook_ids:
+            assert (await sim.webhooks.redeliver(webhook_id)).status_code == 200
+
+    async with receiving(sim, window, redis_url):
+        first = await change(sim, sub_id, 1)
+        await redeliver(first)  # its sync waits in the queue
+        hold = sim.hold_list_seats(60, snapshot="before", container_id=sub_id)
+        burst = BackgroundWorker(window, redis_url)
+        burst.start()
+        await hold.wait_entered()
+        await redeliver(first)  # its sync runs
+        sim.release_hold()
+        await burst.finish()
+        await redeliver(first)  # its sync is done
+        await run_worker_until_idle(window, redis_url)
+
+    assert seat_lists(sim) == 1
+    assert await queued_starts(redis_url) == []
+    counts = await inbox_counts(window)
+    assert (counts["deliveries"], counts["open_scopes"]) == (len(first), 0)

@@ -16,7 +16,13 @@ from sqlmodel import col
 
 from worker import queue
 from worker.config import Settings
-from worker.intake.inbox import mark_scope_synced, record_delivery, sweep_inbox
+from worker.intake.inbox import (
+    SWEEP_MIN_AGE,
+    mark_scope_synced,
+    record_delivery,
+    sweep_inbox,
+    sweep_min_age,
+)
 from worker.intake.routing import RouteHint, ScopeRef, hint_for, route
 from worker.models import Seat, SeatScope, WebhookDelivery, WebhookDeliveryScope, utcnow
 from worker.platform.db import create_engine, session_factory, transaction
@@ -220,6 +226,23 @@ async def test_sweep_requests_a_sync_for_old_unanswered_deliveries_only(
     assert await redis.zcard(queue.QUEUE_NAME) == 1
     again = await sweep_inbox(sessions, redis, min_age=timedelta(seconds=30))
     assert (again.requested, again.already_waiting) == (0, 1)
+
+
+async def test_the_sweeper_leaves_a_delivery_its_follow_up_may_still_be_waiting_for(
+    sessions: async_sessionmaker[AsyncSession], redis: ArqRedis, redis_url: str
+) -> None:
+    window = queue.SyncWindow(quiet=0.5, max_wait=30.0)
+    # Older than the receiver's hand-off to Redis, younger than that plus the maximum wait:
+    waiting = timedelta(seconds=25)
+    await record(sessions, "waiting", "customer_seat.claimed", {"order_id": "ord-1"}, age=waiting)
+    lost = timedelta(seconds=45)
+    await record(sessions, "lost", "customer_seat.claimed", {"subscription_id": "sub-1"}, age=lost)
+
+    result = await sweep_inbox(sessions, redis, min_age=sweep_min_age(window), window=window)
+
+    assert sweep_min_age(window) == SWEEP_MIN_AGE + timedelta(seconds=30)
+    assert result.scopes == [SUB]
+    assert await queued_scopes(redis_url) == ["subscription:sub-1"]
 
 
 async def test_sweep_routes_deliveries_stored_unrouted(

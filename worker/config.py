@@ -14,6 +14,8 @@ DEFAULT_SQLITE_FILE = "seat-sync.db"
 # Polar also serves 2027-01, but its shapes have not been checked against this code.
 POLAR_API_VERSIONS = ("2026-10", "2026-04")
 DEFAULT_POLAR_API_VERSION = POLAR_API_VERSIONS[0]
+DEFAULT_SYNC_QUIET_SECONDS = 0.5
+DEFAULT_SYNC_MAX_WAIT_SECONDS = 10.0
 
 
 class ConfigError(Exception):
@@ -56,8 +58,11 @@ class Settings(BaseSettings):
     sync_max_tries: int = Field(default=8, ge=1)
     # The first retry of a failed Polar call waits 1-2 times this (see worker.polar.retry).
     sync_retry_base_seconds: float = Field(default=1.0, gt=0)
-    # At most one sync of a scope per interval while events keep arriving (0: no limit).
-    sync_min_interval_seconds: float = Field(default=1.0, ge=0)
+    # Coalescing of a scope's syncs (worker.queue): a change on a quiet scope syncs at once;
+    # later ones share one follow-up, started once the scope has been quiet this long...
+    sync_quiet_seconds: float = Field(default=DEFAULT_SYNC_QUIET_SECONDS, ge=0)
+    # ...and never later than this after the first change it covers.
+    sync_max_wait_seconds: float = Field(default=DEFAULT_SYNC_MAX_WAIT_SECONDS, ge=0)
     resync_interval_minutes: float = Field(default=360, gt=0)
     resync_concurrency: int = Field(default=4, ge=1, le=32)
     remind_interval_minutes: float = Field(default=15, gt=0)

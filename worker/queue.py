@@ -1,28 +1,42 @@
 """The only module that knows job names, job ids and the Redis keys that coalesce syncs.
 
-Coalescing without loss: a scope has at most one sync job *waiting* at any time (the
-`queued` flag, set with NX). A job clears the flag before it fetches, so an event recorded
-while the job runs enqueues exactly one follow-up job, whose fetch starts after that event.
-Hence: after the last event of a burst the mirror reflects a fetch that started after it.
+Each scope's syncs are coalesced with a leading and a trailing edge and a maximum wait,
+without losing a change:
 
-Frugal too: a follow-up waits until SYNC_MIN_INTERVAL_SECONDS after the previous sync of
-the scope started (a deferred job, still started after the event), so a burst costs one
-list call per scope plus at most one per interval while it lasts — two for a burst shorter
-than the interval — and one hot scope cannot spend the organisation's whole rate budget.
+1. A change on a quiet scope (no change for SYNC_QUIET_SECONDS, no sync of it waiting or
+   running) enqueues a sync that runs at once: a lone change is as fresh as it can be.
+2. A scope has at most one sync job *waiting* at any time (the `queued` flag names it).
+   A change while one waits is covered by it, because a job clears the flag before it
+   fetches: its fetch starts after every change that found the flag.
+3. A change while the scope is busy (a sync running, or another change less than
+   SYNC_QUIET_SECONDS ago) and no job waits enqueues ONE follow-up. Each later change
+   pushes it back to SYNC_QUIET_SECONDS after itself, but never past
+   SYNC_MAX_WAIT_SECONDS after the first change it covers (arq keeps a job's start time
+   as its score in the queue's sorted set; the script moves that score).
+
+So a burst costs one list call at its start plus one per SYNC_MAX_WAIT_SECONDS it lasts
+(two for a burst shorter than that), and after its last change the mirror reflects a
+fetch that started after it. Every decision is one Lua script, atomic in Redis: the flag,
+the timestamps and the job (arq's own job key and queue entry) are written together.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from datetime import timedelta
+from dataclasses import dataclass
 from typing import Any
 
 from arq.connections import ArqRedis, RedisSettings
-from arq.constants import job_key_prefix
+from arq.constants import expires_extra_ms, in_progress_key_prefix, job_key_prefix
+from arq.jobs import serialize_job
+
+from worker.config import DEFAULT_SYNC_MAX_WAIT_SECONDS, DEFAULT_SYNC_QUIET_SECONDS, Settings
 
 QUEUE_NAME = "seat-sync:queue"
-QUEUED_FLAG_TTL_S = 300  # a lost job (Redis restarted between flag and enqueue) self-heals
+# A flag whose job vanished (Redis lost data, or a process of an older release died
+# between setting the flag and enqueueing) must not block its scope forever.
+QUEUED_FLAG_TTL_S = 300
 ORPHAN_GRACE_S = 5
 
 SYNC_SCOPE = "sync_scope"
@@ -30,6 +44,20 @@ SWEEP_INBOX = "sweep_inbox"
 RESYNC_ALL = "resync_all"
 REMIND_EXPIRING = "remind_expiring"
 REMIND_GATE_KEY = "seat-sync:gate:remind"
+
+
+@dataclass(frozen=True)
+class SyncWindow:
+    """How one scope's syncs are coalesced: SYNC_QUIET_SECONDS and SYNC_MAX_WAIT_SECONDS."""
+
+    quiet: float = DEFAULT_SYNC_QUIET_SECONDS
+    """A follow-up starts once the scope had no change for this long..."""
+    max_wait: float = DEFAULT_SYNC_MAX_WAIT_SECONDS
+    """...and never later than this after the first change it covers."""
+
+    @classmethod
+    def of(cls, settings: Settings) -> SyncWindow:
+        return cls(quiet=settings.sync_quiet_seconds, max_wait=settings.sync_max_wait_seconds)
 
 
 def redis_settings(url: str) -> RedisSettings:
@@ -41,11 +69,23 @@ def redis_settings(url: str) -> RedisSettings:
 
 
 def queued_key(kind: str, scope_id: str) -> str:
+    """The job id of the scope's waiting sync, while one waits."""
     return f"seat-sync:queued:{kind}:{scope_id}"
 
 
-def next_allowed_key(kind: str, scope_id: str) -> str:
-    return f"seat-sync:next-sync-at:{kind}:{scope_id}"
+def due_key(kind: str, scope_id: str) -> str:
+    """While a follow-up waits: the latest time it may start (ms), first change + max wait."""
+    return f"seat-sync:due:{kind}:{scope_id}"
+
+
+def changed_key(kind: str, scope_id: str) -> str:
+    """Exists for SYNC_QUIET_SECONDS after each change of the scope."""
+    return f"seat-sync:changed:{kind}:{scope_id}"
+
+
+def syncing_key(kind: str, scope_id: str) -> str:
+    """The job id of a sync of the scope that is running (expires if its worker dies)."""
+    return f"seat-sync:syncing:{kind}:{scope_id}"
 
 
 def _now_ms() -> int:
@@ -53,81 +93,134 @@ def _now_ms() -> int:
 
 
 async def request_sync(
-    redis: ArqRedis, kind: str, scope_id: str, *, trigger: str = "webhook"
+    redis: ArqRedis,
+    kind: str,
+    scope_id: str,
+    *,
+    trigger: str = "webhook",
+    window: SyncWindow | None = None,
 ) -> bool:
-    """Make sure a sync of the scope will start after now. True when a job was enqueued,
-    False when one is already waiting (it will start later, so it covers this request)."""
-    key = queued_key(kind, scope_id)
+    """Make sure a sync of the scope will fetch after now (see the module's rules). True
+    when a job was enqueued, False when one already waits (it covers this request)."""
+    window = window or SyncWindow()
     job_id = f"sync:{kind}:{scope_id}:{uuid.uuid4().hex}"
-    claim = redis.register_script(_CLAIM_FLAG)
-    allowed_at = int(
-        await claim(
-            keys=[key, next_allowed_key(kind, scope_id)],
-            args=[job_id, QUEUED_FLAG_TTL_S, ORPHAN_GRACE_S, job_key_prefix],
-        )
+    now = _now_ms()
+    payload = serialize_job(
+        SYNC_SCOPE,
+        (),
+        {"kind": kind, "scope_id": scope_id, "trigger": trigger},
+        None,
+        now,
+        serializer=redis.job_serializer,
     )
-    if allowed_at < 0:
-        return False
-    try:
-        wait_ms = allowed_at - _now_ms() if allowed_at > 0 else 0
-        await redis.enqueue_job(
-            SYNC_SCOPE,
-            kind=kind,
-            scope_id=scope_id,
-            trigger=trigger,
-            _job_id=job_id,
-            _queue_name=QUEUE_NAME,
-            _defer_by=timedelta(milliseconds=wait_ms) if wait_ms > 0 else None,
-        )
-    except BaseException:
-        await _forget_flag(redis, key)
-        raise
-    return True
+    claim = redis.register_script(_REQUEST_SYNC)
+    enqueued = await claim(
+        keys=[
+            queued_key(kind, scope_id),
+            due_key(kind, scope_id),
+            changed_key(kind, scope_id),
+            syncing_key(kind, scope_id),
+            QUEUE_NAME,
+        ],
+        args=[
+            job_id,
+            now,
+            int(window.quiet * 1000),
+            int(window.max_wait * 1000),
+            QUEUED_FLAG_TTL_S + int(window.max_wait) + 1,
+            ORPHAN_GRACE_S,
+            job_key_prefix,
+            payload,
+            expires_extra_ms,
+        ],
+    )
+    return bool(int(enqueued))
 
 
-# One round trip per request (the receiver's hot path). KEYS: the queued flag, the scope's
-# next-allowed time. ARGV: job id, flag TTL (s), orphan grace (s), arq's job key prefix.
-# Returns -1 when a job is already waiting, else the next-allowed time in ms (0: none).
-# A process that died between setting the flag and enqueueing leaves a flag with no job,
-# which would block the scope until its TTL: a job clears the flag when it starts and keeps
-# its job key until it ends, so "flag older than the grace, its job key gone" is an orphan
-# and is replaced.
-_CLAIM_FLAG = """
-local function allowed()
-  return tonumber(redis.call('GET', KEYS[2]) or '0')
-end
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return allowed() end
+# KEYS: the queued flag, the follow-up's due time, the changed marker, the syncing marker,
+# arq's queue. ARGV: new job id, now (ms), quiet (ms), max wait (ms), flag TTL (s), orphan
+# grace (s), arq's job key prefix, the serialized job, arq's job expiry margin (ms).
+# Returns 1 when it enqueued a job, 0 when a waiting job covers the request.
+# A flag whose job key is gone and that is older than the grace is an orphan (a job clears
+# its flag when it starts and keeps its job key until it ends) and is replaced.
+_REQUEST_SYNC = """
+local now, quiet, max_wait = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local busy = redis.call('EXISTS', KEYS[3]) == 1 or redis.call('EXISTS', KEYS[4]) == 1
+if quiet > 0 then redis.call('SET', KEYS[3], now, 'PX', quiet) end
 local flagged = redis.call('GET', KEYS[1])
-if not flagged then
-  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-  return allowed()
+if flagged then
+  local orphan = string.sub(flagged, 1, 5) == 'sync:'
+    and redis.call('EXISTS', ARGV[7] .. flagged) == 0
+    and redis.call('TTL', KEYS[1]) <= tonumber(ARGV[5]) - tonumber(ARGV[6])
+  if not orphan then
+    local due = tonumber(redis.call('GET', KEYS[2]) or '0')
+    if due > 0 then
+      local at = math.min(now + quiet, due)
+      local score = redis.call('ZSCORE', KEYS[5], flagged)
+      if score and tonumber(score) < at then
+        redis.call('ZADD', KEYS[5], 'XX', at, flagged)
+      end
+    end
+    return 0
+  end
 end
-if string.sub(flagged, 1, 5) ~= 'sync:' then return -1 end
-if redis.call('EXISTS', ARGV[4] .. flagged) == 1 then return -1 end
-if redis.call('TTL', KEYS[1]) > tonumber(ARGV[2]) - tonumber(ARGV[3]) then return -1 end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-return allowed()
+local at = now
+if busy then
+  at = now + math.min(quiet, max_wait)
+  redis.call('SET', KEYS[2], now + max_wait, 'EX', ARGV[5])
+else
+  redis.call('DEL', KEYS[2])
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[5])
+redis.call('SET', ARGV[7] .. ARGV[1], ARGV[8], 'PX', at - now + tonumber(ARGV[9]))
+redis.call('ZADD', KEYS[5], at, ARGV[1])
+return 1
 """
 
 
-async def _forget_flag(redis: ArqRedis, key: str) -> None:
-    try:
-        await redis.delete(key)
-    except Exception:  # Redis is probably down; the flag's TTL expires it
-        return
-
-
 async def sync_started(
-    redis: ArqRedis, kind: str, scope_id: str, *, min_interval: float = 0.0
+    redis: ArqRedis, kind: str, scope_id: str, *, job_id: str, ttl: float
 ) -> None:
-    """Called by the job before it fetches: later events must enqueue a follow-up, which
-    may not start before `min_interval` seconds from now."""
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.delete(queued_key(kind, scope_id))
-        if min_interval > 0:
-            interval_ms = int(min_interval * 1000)
-            pipe.set(next_allowed_key(kind, scope_id), _now_ms() + interval_ms, px=interval_ms)
-        await pipe.execute()
+    """Called by a sync job before it fetches: later changes need a follow-up, and the
+    scope is busy until `sync_finished` (or `ttl` seconds, should the worker die). A job
+    of the scope still waiting is dropped: this fetch starts after every change it covers."""
+    start = redis.register_script(_SYNC_STARTED)
+    await start(
+        keys=[
+            queued_key(kind, scope_id),
+            due_key(kind, scope_id),
+            syncing_key(kind, scope_id),
+            QUEUE_NAME,
+        ],
+        args=[job_id, int(ttl * 1000), job_key_prefix, in_progress_key_prefix],
+    )
+
+
+# KEYS: the queued flag, the due time, the syncing marker, arq's queue. ARGV: this job's
+# id, the marker's TTL (ms), arq's job key prefix, arq's in-progress key prefix.
+# Another job waits only when this one is a retry (its flag was cleared at its first try);
+# one a worker has already taken is left to run.
+_SYNC_STARTED = """
+local flagged = redis.call('GET', KEYS[1])
+if flagged and flagged ~= ARGV[1] and redis.call('EXISTS', ARGV[4] .. flagged) == 0 then
+  redis.call('ZREM', KEYS[4], flagged)
+  redis.call('DEL', ARGV[3] .. flagged)
+end
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
+"""
+
+
+async def sync_finished(redis: ArqRedis, kind: str, scope_id: str, *, job_id: str) -> None:
+    """Called by a sync job when it ends, however it ends: the scope is no longer busy
+    because of it (a change from now on is a leading edge once the scope is quiet)."""
+    finish = redis.register_script(_SYNC_FINISHED)
+    await finish(keys=[syncing_key(kind, scope_id)], args=[job_id])
+
+
+_SYNC_FINISHED = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+"""
 
 
 async def enqueue_unique(redis: ArqRedis, function: str, **kwargs: Any) -> bool:

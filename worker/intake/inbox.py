@@ -25,6 +25,13 @@ log = structlog.get_logger("worker.intake.inbox")
 SWEEP_MIN_AGE = timedelta(seconds=10)
 
 
+def sweep_min_age(window: queue.SyncWindow) -> timedelta:
+    """How old an unanswered delivery must be for the sweeper to request its sync: a
+    follow-up may rightly wait SYNC_MAX_WAIT_SECONDS, and re-requesting the scope while it
+    waits or runs would only cost another list call."""
+    return SWEEP_MIN_AGE + timedelta(seconds=window.max_wait)
+
+
 async def mark_scope_synced(
     session: AsyncSession,
     *,
@@ -296,6 +303,7 @@ async def sweep_inbox(
     *,
     min_age: timedelta = SWEEP_MIN_AGE,
     now: datetime | None = None,
+    window: queue.SyncWindow | None = None,
 ) -> SweepResult:
     """Nothing acknowledged is lost: route what was stored unrouted, then ask for a sync
     of every scope whose delivery is older than `min_age` and still unanswered (Redis was
@@ -316,7 +324,7 @@ async def sweep_inbox(
 
     result.scopes = await retry_transaction(sessions, find)
     for ref in result.scopes:
-        if await queue.request_sync(redis, ref.kind, ref.scope_id, trigger="sweep"):
+        if await queue.request_sync(redis, ref.kind, ref.scope_id, trigger="sweep", window=window):
             result.requested += 1
         else:
             result.already_waiting += 1

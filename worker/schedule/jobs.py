@@ -45,10 +45,38 @@ async def sync_scope(ctx: Ctx, *, kind: str, scope_id: str, trigger: str = "webh
     """Mirror one subscription or order from Polar's authoritative list."""
     resources: WorkerResources = ctx["services"]
     job_try: int = ctx.get("job_try", 1)
-    bound = log.bind(job_id=ctx.get("job_id"), scope_kind=kind, scope_id=scope_id, job_try=job_try)
-    await queue.sync_started(
-        resources.redis, kind, scope_id, min_interval=resources.settings.sync_min_interval_seconds
-    )
+    job_id: str = ctx["job_id"]
+    bound = log.bind(job_id=job_id, scope_kind=kind, scope_id=scope_id, job_try=job_try)
+    # Before the fetch: a change from now on needs a follow-up (worker.queue's rules).
+    await queue.sync_started(resources.redis, kind, scope_id, job_id=job_id, ttl=SYNC_TIMEOUT_S)
+    try:
+        return await _fetch_and_reconcile(
+            resources,
+            bound,
+            kind=kind,
+            scope_id=scope_id,
+            trigger=trigger,
+            job_id=job_id,
+            job_try=job_try,
+        )
+    finally:
+        try:
+            await queue.sync_finished(resources.redis, kind, scope_id, job_id=job_id)
+        except Exception as exc:  # Redis down: the marker expires on its own
+            bound.warning("sync_finish_unrecorded", error=type(exc).__name__)
+
+
+async def _fetch_and_reconcile(
+    resources: WorkerResources,
+    bound: Any,
+    *,
+    kind: str,
+    scope_id: str,
+    trigger: str,
+    job_id: str,
+    job_try: int,
+) -> str:
+    """The sync, its failures translated for arq (Retry with backoff, or raised)."""
     try:
         outcome = await sync.sync_scope(
             resources,
@@ -56,7 +84,7 @@ async def sync_scope(ctx: Ctx, *, kind: str, scope_id: str, trigger: str = "webh
             scope_id=scope_id,
             trigger=trigger,
             lane="webhook",
-            job_id=ctx.get("job_id"),
+            job_id=job_id,
         )
     except TRANSIENT as exc:
         defer = retry_delay(exc, job_try, base=resources.settings.sync_retry_base_seconds)
@@ -85,8 +113,15 @@ async def sync_scope(ctx: Ctx, *, kind: str, scope_id: str, trigger: str = "webh
 async def sweep_inbox(ctx: Ctx, *, min_age_seconds: float | None = None) -> int:
     """Re-request a sync for every acknowledged delivery no sync has answered yet."""
     resources: WorkerResources = ctx["services"]
-    min_age = inbox.SWEEP_MIN_AGE if min_age_seconds is None else timedelta(seconds=min_age_seconds)
-    result = await inbox.sweep_inbox(resources.sessions, resources.redis, min_age=min_age)
+    window = queue.SyncWindow.of(resources.settings)
+    min_age = (
+        inbox.sweep_min_age(window)
+        if min_age_seconds is None
+        else timedelta(seconds=min_age_seconds)
+    )
+    result = await inbox.sweep_inbox(
+        resources.sessions, resources.redis, min_age=min_age, window=window
+    )
     abandoned = await sync.abandon_stale_runs(resources, older_than=STALE_RUN)
     if abandoned:
         log.warning("sync_runs_abandoned", count=abandoned)
