@@ -72,6 +72,13 @@ class Settings(BaseSettings):
     renew_expired_invitations: bool = False
     renew_max_per_recipient: int = Field(default=1, ge=0)
 
+    # Retention (worker.schedule.retention, daily): processed webhook deliveries, finished
+    # sync runs, and seat_change only when set (history is the product). At least a day:
+    # dedupe needs a delivery's id while Polar may still retry it (~34 minutes).
+    webhook_retention_days: float = Field(default=7, ge=1)
+    sync_run_retention_days: float = Field(default=30, ge=1)
+    seat_change_retention_days: float | None = Field(default=None, ge=1)
+
     # Prometheus's /metrics, on a port of its own (never the webhook port: that one is
     # public, and the gauges cost database queries). Unset: no metrics endpoint.
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
@@ -133,6 +140,12 @@ class Settings(BaseSettings):
         if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return value.strip()
+
+    @field_validator("seat_change_retention_days", mode="before")
+    @classmethod
+    def _blank_retention_is_unset(cls, value: object) -> object:
+        # `SEAT_CHANGE_RETENTION_DAYS=` in an env file: kept for ever, as when unset.
+        return None if isinstance(value, str) and not value.strip() else value
 
     @model_validator(mode="after")
     def _https_unless_loopback(self) -> Settings:
