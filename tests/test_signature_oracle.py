@@ -14,11 +14,10 @@ import base64
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from types import SimpleNamespace
 from unittest import mock
 
-import httpx
 import polar.webhooks
 import pytest
 from hypothesis import HealthCheck, given
@@ -30,9 +29,8 @@ from polar.v2026_10.webhooks import (
     WebhookCustomerSeatRevokedPayload,
     validate_event,
 )
-from sqlalchemy import select
-from sqlmodel import col
 
+from tests.support.mirror import delivery_ids
 from tests.support.polar_signing import (
     GENERATIONS,
     Generation,
@@ -41,22 +39,13 @@ from tests.support.polar_signing import (
     polar_signature_header,
     signing_key,
 )
-from tests.test_webhooks import (
-    STANDARD_VECTOR_BODY,
-    STANDARD_VECTOR_ID,
-    STANDARD_VECTOR_SECRET,
-    STANDARD_VECTOR_SIGNATURE,
-    STANDARD_VECTOR_TIMESTAMP,
-    VECTOR_BODY,
-    VECTOR_ID,
-    VECTOR_SECRET,
-    VECTOR_SIGNATURE,
-    VECTOR_TIMESTAMP,
+from tests.support.settings import make_settings
+from tests.support.webhooks import (
+    LEGACY_VECTOR,
+    STANDARD_VECTOR,
+    receiver_client,
 )
-from worker.config import Settings
-from worker.intake.receiver import WEBHOOK_PATH, create_app
-from worker.models import WebhookDelivery
-from worker.platform.db import create_engine, session_factory
+from worker.intake.receiver import WEBHOOK_PATH
 
 EXAMPLES = 100
 TOLERANCE = 300
@@ -90,28 +79,20 @@ def sdk_accepts_signature(
 
 
 def test_polars_legacy_vector_passes_the_sdk() -> None:
-    now = int(VECTOR_TIMESTAMP) + 10
-    headers = {
-        "webhook-id": VECTOR_ID,
-        "webhook-timestamp": VECTOR_TIMESTAMP,
-        "webhook-signature": VECTOR_SIGNATURE,
-    }
-    assert sdk_accepts_signature(VECTOR_BODY, headers, VECTOR_SECRET, now=now)
-    assert not sdk_accepts_signature(VECTOR_BODY, headers, STANDARD_VECTOR_SECRET, now=now)
+    now = LEGACY_VECTOR.sent_at + 10
+    headers = LEGACY_VECTOR.headers()
+    assert sdk_accepts_signature(LEGACY_VECTOR.body, headers, LEGACY_VECTOR.secret, now=now)
+    assert not sdk_accepts_signature(LEGACY_VECTOR.body, headers, STANDARD_VECTOR.secret, now=now)
 
 
 def test_the_standard_vector_passes_the_sdk_and_loads() -> None:
-    headers = {
-        "webhook-id": STANDARD_VECTOR_ID,
-        "webhook-timestamp": STANDARD_VECTOR_TIMESTAMP,
-        "webhook-signature": STANDARD_VECTOR_SIGNATURE,
-    }
-    with sdk_clock(int(STANDARD_VECTOR_TIMESTAMP) + 10):
-        payload = validate_event(STANDARD_VECTOR_BODY, headers, STANDARD_VECTOR_SECRET)
+    headers = STANDARD_VECTOR.headers()
+    with sdk_clock(STANDARD_VECTOR.sent_at + 10):
+        payload = validate_event(STANDARD_VECTOR.body, headers, STANDARD_VECTOR.secret)
         assert isinstance(payload, WebhookCustomerSeatRevokedPayload)
         assert payload.data.status == "revoked"
         with pytest.raises(PolarWebhookVerificationError):
-            validate_event(STANDARD_VECTOR_BODY, headers, VECTOR_SECRET)
+            validate_event(STANDARD_VECTOR.body, headers, LEGACY_VECTOR.secret)
 
 
 # ---------------------------------------------------------------------- the test helper
@@ -255,42 +236,12 @@ def deliveries(
     return body, headers
 
 
-@contextlib.asynccontextmanager
-async def receiver(database_url: str, secret: str) -> AsyncIterator[httpx.AsyncClient]:
-    """The real Starlette app, its lifespan included, over an in-process transport."""
-    settings = Settings(
-        database_url=database_url,
-        polar_access_token="polar_oat_unused",
-        polar_api_url="http://127.0.0.1:9",
-        polar_webhook_secret=secret,
-        log_format="json",
-    )
-    app = create_app(settings, redis_url=None)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://receiver"
-        ) as client,
-    ):
-        yield client
-
-
-async def stored_ids(database_url: str) -> set[str]:
-    engine = create_engine(database_url)
-    try:
-        async with session_factory(engine)() as session:
-            rows = await session.execute(select(col(WebhookDelivery.webhook_id)))
-            return set(rows.scalars())
-    finally:
-        await engine.dispose()
-
-
 @pytest.mark.parametrize(
     ("generation", "secret"),
     [
         ("legacy", "whsec_legacy-kind_" + "k" * 25),  # not base64: one key
-        ("legacy", VECTOR_SECRET),  # base64-shaped too: both checkers try two keys
-        ("standard", STANDARD_VECTOR_SECRET),
+        ("legacy", LEGACY_VECTOR.secret),  # base64-shaped too: both checkers try two keys
+        ("standard", STANDARD_VECTOR.secret),
     ],
     ids=["legacy", "legacy_base64_shaped", "standard"],
 )
@@ -300,7 +251,8 @@ async def test_the_receiver_agrees_with_the_sdk_on_every_signature(
     accepted_ids: set[str] = set()
     verdicts: dict[bool, int] = {}
 
-    async with receiver(database_url, secret) as client:
+    settings = make_settings(database_url, polar_webhook_secret=secret)
+    async with receiver_client(settings) as client:
         loop = asyncio.get_running_loop()
 
         async def post(body: bytes, headers: dict[str, str]) -> int:
@@ -335,5 +287,5 @@ async def test_the_receiver_agrees_with_the_sdk_on_every_signature(
         await asyncio.to_thread(one)
 
     # A refused request leaves nothing behind; every accepted one is in the inbox.
-    assert await stored_ids(database_url) == accepted_ids
+    assert set(await delivery_ids(database_url)) == accepted_ids
     assert verdicts.get(True) and verdicts.get(False), verdicts

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -18,74 +16,33 @@ import structlog.testing
 from sqlalchemy import func, select
 
 import worker.intake.receiver
+from tests.support.mirror import reading
 from tests.support.polar_signing import (
     GENERATIONS,
     Generation,
     new_secret,
     new_standard_secret,
-    polar_headers,
-    polar_signature_header,
+)
+from tests.support.ports import free_port
+from tests.support.settings import WEBHOOK_SECRET, make_settings
+from tests.support.waiting import until_answering
+from tests.support.webhooks import (
+    LEGACY_VECTOR,
+    STANDARD_VECTOR,
+    Vector,
+    envelope,
+    signed_headers,
 )
 from worker import queue
 from worker.config import Settings
 from worker.intake.receiver import MAX_BODY_BYTES, running, serve
 from worker.intake.signature import SignatureRejectedError, signing_keys, verify_signature
 from worker.models import WebhookDelivery, WebhookDeliveryScope
-from worker.platform.db import create_engine, session_factory
 
-# Polar's published test vector, signed with the legacy key (the whole secret's bytes).
-VECTOR_SECRET = "whsec_ovyN6cPrTv56AApvzCaJno08SSmGJmgbWilb33N2JuK"
-VECTOR_ID = "0f3e8f8e-5a1b-4c2d-9e7f-1a2b3c4d5e6f"
-VECTOR_TIMESTAMP = "1767225600"
-VECTOR_BODY = (
-    b'{"type":"customer_seat.revoked","timestamp":"2026-01-01T00:00:00Z",'
-    b'"data":{"id":"9b1c0c1e-2f2a-4d8e-8a55-0c1b6f3c8e11"}}'
-)
-VECTOR_SIGNATURE = "v1,MixzmdTOx+QJmVdDnQ0mG73viqr8GXB8/GD33dDX80w="
-
-# A vector of the standard kind (secrets generated since 2026-09-08), computed by hand from
-# Polar's rule, not by any code in this repository:
-#   KEY_HEX=$(printf %s 'polar-seat-sync standard-kind test vector' \
-#     | openssl dgst -sha256 -hex | awk '{print $NF}')
-#   SECRET="whsec_$(printf %s "$KEY_HEX" | xxd -r -p | base64)"
-#   printf '%s.%s.%s' "$ID" "$TIMESTAMP" "$BODY" \
-#     | openssl dgst -sha256 -mac HMAC -macopt hexkey:$KEY_HEX -binary | base64
-# The body is a complete `customer_seat.revoked` payload, so the SDK loads it too.
-STANDARD_VECTOR_SECRET = "whsec_/0QnQbklkQ6wL4zZP62qlHMhIfGk9CutYdCpTqybsJI="
-STANDARD_VECTOR_ID = "3c2b1a09-8f7e-4d6c-9b5a-0e1f2a3b4c5d"
-STANDARD_VECTOR_TIMESTAMP = "1790812800"  # 2026-10-01T00:00:00Z
-STANDARD_VECTOR_BODY = (
-    b'{"type":"customer_seat.revoked","timestamp":"2026-10-01T00:00:00Z",'
-    b'"api_version":"2026-10","data":{"created_at":"2026-09-30T12:00:00Z",'
-    b'"modified_at":"2026-10-01T00:00:00Z","id":"9b1c0c1e-2f2a-4d8e-8a55-0c1b6f3c8e11",'
-    b'"subscription_id":"5d3c1a9e-0000-4000-8000-000000000001","order_id":null,'
-    b'"status":"revoked","customer_id":null,"member_id":null,"member":null,"email":null,'
-    b'"customer_email":null,"invitation_token_expires_at":"2026-10-01T12:00:00Z",'
-    b'"claimed_at":null,"revoked_at":"2026-10-01T00:00:00Z","seat_metadata":{}}}'
-)
-STANDARD_VECTOR_SIGNATURE = "v1,LS9CFxBHKy8MnbyxHxNhXBYLU8y+B5Xl4uhMKbHeT3M="
-
-# This module's endpoint: a secret of the kind Polar generates today.
-WEBHOOK_SECRET = new_standard_secret()
 SUBSCRIPTION_ID = "5d3c1a9e-0000-4000-8000-000000000001"
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def make_settings(database_url: str) -> Settings:
-    return Settings(
-        database_url=database_url,
-        polar_access_token="polar_oat_unused",
-        polar_api_url="http://127.0.0.1:9",
-        polar_webhook_secret=WEBHOOK_SECRET,
-        log_format="json",
-    )
-
-
-def envelope(event_type: str, data: dict[str, Any]) -> bytes:
-    body = {"type": event_type, "timestamp": "2026-01-01T00:00:00Z", "data": data}
-    return json.dumps(body, separators=(",", ":")).encode()
 
 
 def seat_event(subscription_id: str = SUBSCRIPTION_ID) -> bytes:
@@ -95,38 +52,17 @@ def seat_event(subscription_id: str = SUBSCRIPTION_ID) -> bytes:
     )
 
 
-def signed_headers(
-    body: bytes,
-    *,
-    secret: str = WEBHOOK_SECRET,
-    generation: Generation = "legacy",
-    webhook_id: str | None = None,
-    timestamp: int | None = None,
-) -> dict[str, str]:
-    """Headers as Polar sends them. The legacy key by default because it exists for any
-    secret string (other modules sign with made-up ones); pass the generation to choose."""
-    return polar_headers(secret, generation, body, webhook_id=webhook_id, timestamp=timestamp)
-
-
 async def stored(settings: Settings) -> tuple[int, int]:
     """(deliveries, delivery scopes) in the inbox."""
-    engine = create_engine(settings.database_url)
-    try:
-        async with session_factory(engine)() as session:
-            deliveries = await session.scalar(select(func.count()).select_from(WebhookDelivery))
-            scopes = await session.scalar(select(func.count()).select_from(WebhookDeliveryScope))
-    finally:
-        await engine.dispose()
+    async with reading(settings.database_url) as session:
+        deliveries = await session.scalar(select(func.count()).select_from(WebhookDelivery))
+        scopes = await session.scalar(select(func.count()).select_from(WebhookDeliveryScope))
     return int(deliveries or 0), int(scopes or 0)
 
 
 async def delivery(settings: Settings, webhook_id: str) -> WebhookDelivery | None:
-    engine = create_engine(settings.database_url)
-    try:
-        async with session_factory(engine)() as session:
-            return await session.get(WebhookDelivery, webhook_id)
-    finally:
-        await engine.dispose()
+    async with reading(settings.database_url) as session:
+        return await session.get(WebhookDelivery, webhook_id)
 
 
 async def queued_jobs(redis_url: str) -> int:
@@ -135,12 +71,6 @@ async def queued_jobs(redis_url: str) -> int:
         return int(await client.zcard(queue.QUEUE_NAME))
     finally:
         await client.aclose()
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture
@@ -163,58 +93,35 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
 # ---------------------------------------------------------------------- signature
 
 
-def verify(secret: str, *, now: int, **message: Any) -> None:
-    """verify_signature on the legacy vector's message, with any part replaced."""
+def verify(secret: str, *, now: int, vector: Vector = LEGACY_VECTOR, **message: Any) -> None:
+    """verify_signature on a vector's message (the legacy one's unless told), with any part
+    replaced."""
     verify_signature(
         signing_keys(secret),
-        webhook_id=message.get("webhook_id", VECTOR_ID),
-        timestamp=message.get("timestamp", VECTOR_TIMESTAMP),
-        body=message.get("body", VECTOR_BODY),
-        signature_header=message.get("signature_header", VECTOR_SIGNATURE),
+        webhook_id=message.get("webhook_id", vector.webhook_id),
+        timestamp=message.get("timestamp", vector.timestamp),
+        body=message.get("body", vector.body),
+        signature_header=message.get("signature_header", vector.signature),
         now=now,
     )
 
 
 def test_polars_legacy_test_vector_is_accepted() -> None:
-    assert (
-        polar_signature_header(VECTOR_SECRET, "legacy", VECTOR_ID, VECTOR_TIMESTAMP, VECTOR_BODY)
-        == VECTOR_SIGNATURE
-    )
-    verify(VECTOR_SECRET, now=int(VECTOR_TIMESTAMP) + 10)
+    assert LEGACY_VECTOR.signed_by(LEGACY_VECTOR.secret, "legacy") == LEGACY_VECTOR.signature
+    verify(LEGACY_VECTOR.secret, now=LEGACY_VECTOR.sent_at + 10)
 
 
 def test_standard_kind_test_vector_is_accepted() -> None:
     assert (
-        polar_signature_header(
-            STANDARD_VECTOR_SECRET,
-            "standard",
-            STANDARD_VECTOR_ID,
-            STANDARD_VECTOR_TIMESTAMP,
-            STANDARD_VECTOR_BODY,
-        )
-        == STANDARD_VECTOR_SIGNATURE
+        STANDARD_VECTOR.signed_by(STANDARD_VECTOR.secret, "standard") == STANDARD_VECTOR.signature
     )
-    verify(
-        STANDARD_VECTOR_SECRET,
-        webhook_id=STANDARD_VECTOR_ID,
-        timestamp=STANDARD_VECTOR_TIMESTAMP,
-        body=STANDARD_VECTOR_BODY,
-        signature_header=STANDARD_VECTOR_SIGNATURE,
-        now=int(STANDARD_VECTOR_TIMESTAMP) - 10,
-    )
+    verify(STANDARD_VECTOR.secret, vector=STANDARD_VECTOR, now=STANDARD_VECTOR.sent_at - 10)
 
 
 def test_a_standard_secret_shown_without_padding_still_verifies() -> None:
-    unpadded = STANDARD_VECTOR_SECRET.rstrip("=")
-    assert unpadded != STANDARD_VECTOR_SECRET
-    verify(
-        unpadded,
-        webhook_id=STANDARD_VECTOR_ID,
-        timestamp=STANDARD_VECTOR_TIMESTAMP,
-        body=STANDARD_VECTOR_BODY,
-        signature_header=STANDARD_VECTOR_SIGNATURE,
-        now=int(STANDARD_VECTOR_TIMESTAMP),
-    )
+    unpadded = STANDARD_VECTOR.secret.rstrip("=")
+    assert unpadded != STANDARD_VECTOR.secret
+    verify(unpadded, vector=STANDARD_VECTOR, now=STANDARD_VECTOR.sent_at)
 
 
 def test_a_secret_that_is_not_base64_has_only_the_legacy_key() -> None:
@@ -225,17 +132,15 @@ def test_a_secret_that_is_not_base64_has_only_the_legacy_key() -> None:
 @pytest.mark.parametrize("generation", GENERATIONS)
 def test_either_key_verifies_a_fresh_secret(generation: Generation) -> None:
     secret = new_standard_secret()
-    header = polar_signature_header(secret, generation, VECTOR_ID, VECTOR_TIMESTAMP, VECTOR_BODY)
-    verify(secret, signature_header=header, now=int(VECTOR_TIMESTAMP))
+    header = LEGACY_VECTOR.signed_by(secret, generation)
+    verify(secret, signature_header=header, now=LEGACY_VECTOR.sent_at)
 
 
 @pytest.mark.parametrize("generation", GENERATIONS)
 def test_any_one_of_several_signatures_is_enough(generation: Generation) -> None:
-    good = polar_signature_header(
-        STANDARD_VECTOR_SECRET, generation, VECTOR_ID, VECTOR_TIMESTAMP, VECTOR_BODY
-    )
+    good = LEGACY_VECTOR.signed_by(STANDARD_VECTOR.secret, generation)
     header = f"v1,AAAA v1,not*base64 v2,{good[3:]} v1{good[3:]} {good} v1,{'A' * 44}"
-    verify(STANDARD_VECTOR_SECRET, signature_header=header, now=int(VECTOR_TIMESTAMP))
+    verify(STANDARD_VECTOR.secret, signature_header=header, now=LEGACY_VECTOR.sent_at)
 
 
 @pytest.mark.parametrize("generation", GENERATIONS)
@@ -243,19 +148,19 @@ def test_any_one_of_several_signatures_is_enough(generation: Generation) -> None
     ("change", "reason"),
     [
         ({"secret": "wrong"}, "bad_signature"),
-        ({"body": VECTOR_BODY.replace(b"revoked", b"claimed")}, "bad_signature"),
-        ({"webhook_id": VECTOR_ID.replace("0", "1")}, "bad_signature"),
-        ({"timestamp": str(int(VECTOR_TIMESTAMP) + 1)}, "bad_signature"),
+        ({"body": LEGACY_VECTOR.body.replace(b"revoked", b"claimed")}, "bad_signature"),
+        ({"webhook_id": LEGACY_VECTOR.webhook_id.replace("0", "1")}, "bad_signature"),
+        ({"timestamp": str(LEGACY_VECTOR.sent_at + 1)}, "bad_signature"),
         ({"v2": True}, "bad_signature"),
-        ({"now": int(VECTOR_TIMESTAMP) + 301}, "stale_timestamp"),
-        ({"now": int(VECTOR_TIMESTAMP) - 301}, "future_timestamp"),
+        ({"now": LEGACY_VECTOR.sent_at + 301}, "stale_timestamp"),
+        ({"now": LEGACY_VECTOR.sent_at - 301}, "future_timestamp"),
         ({"timestamp": "yesterday"}, "invalid_timestamp"),
     ],
     ids=["wrong_secret", "body", "id", "timestamp", "v2", "stale", "future", "garbage_ts"],
 )
 def test_verification_rejects(generation: Generation, change: dict[str, Any], reason: str) -> None:
     secret = new_secret(generation)
-    header = polar_signature_header(secret, generation, VECTOR_ID, VECTOR_TIMESTAMP, VECTOR_BODY)
+    header = LEGACY_VECTOR.signed_by(secret, generation)
     if change.get("v2"):
         header = header.replace("v1,", "v2,")
     checked = new_secret(generation) if change.get("secret") else secret
@@ -264,7 +169,7 @@ def test_verification_rejects(generation: Generation, change: dict[str, Any], re
         verify(
             checked,
             signature_header=header,
-            now=change.get("now", int(VECTOR_TIMESTAMP)),
+            now=change.get("now", LEGACY_VECTOR.sent_at),
             **message,
         )
     assert raised.value.reason == reason
@@ -272,7 +177,7 @@ def test_verification_rejects(generation: Generation, change: dict[str, Any], re
 
 def test_timestamps_within_five_minutes_are_accepted() -> None:
     for skew in (-300, 300):
-        verify(VECTOR_SECRET, now=int(VECTOR_TIMESTAMP) + skew)
+        verify(LEGACY_VECTOR.secret, now=LEGACY_VECTOR.sent_at + skew)
 
 
 # ---------------------------------------------------------------------- receiver
@@ -483,7 +388,7 @@ async def test_concurrent_redeliveries_store_one_row(
 async def test_redis_down_still_acknowledges_a_durable_delivery(
     receiver_settings: Settings, client: httpx.AsyncClient
 ) -> None:
-    dead_redis = f"redis://127.0.0.1:{closed_port()}/0"
+    dead_redis = f"redis://127.0.0.1:{free_port()}/0"
     async with running(receiver_settings, redis_url=dead_redis) as url:
         body = seat_event()
         started = time.monotonic()
@@ -498,7 +403,7 @@ async def test_redis_down_still_acknowledges_a_durable_delivery(
 
 
 async def test_database_down_answers_503(redis_url: str, client: httpx.AsyncClient) -> None:
-    settings = make_settings(f"postgresql://postgres@127.0.0.1:{closed_port()}/nowhere")
+    settings = make_settings(f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere")
     async with running(settings, redis_url=redis_url) as url:
         body = seat_event()
         response = await client.post(url, content=body, headers=signed_headers(body))
@@ -522,7 +427,7 @@ async def test_health_and_readiness(url: str, client: httpx.AsyncClient) -> None
 async def test_serve_runs_until_cancelled(
     receiver_settings: Settings, redis_url: str, client: httpx.AsyncClient
 ) -> None:
-    port = closed_port()
+    port = free_port()
     task = asyncio.create_task(
         serve(
             receiver_settings,
@@ -533,15 +438,9 @@ async def test_serve_runs_until_cancelled(
         )
     )
     try:
-        for _ in range(200):
-            try:
-                response = await client.get(f"http://127.0.0.1:{port}/healthz")
-                break
-            except httpx.ConnectError:
-                await asyncio.sleep(0.02)
-        else:
-            pytest.fail("the receiver never came up")
-        assert response.status_code == 200
+        await until_answering(
+            f"http://127.0.0.1:{port}/healthz", within=5, what="the receiver up", every=0.02
+        )
     finally:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
