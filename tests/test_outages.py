@@ -21,19 +21,15 @@ import pytest
 import structlog.testing
 from arq.connections import create_pool
 from arq.worker import Worker
-from sqlalchemy import select
 from sqlalchemy.engine import make_url
-from sqlmodel import col
 
+from tests.support.mirror import delivery_ids, inbox_counts, mirror_view, polar_view
 from tests.support.netfaults import PrivateRedis, TcpProxy
 from tests.support.settings import BACKENDS, make_settings, secret_of
 from tests.support.waiting import eventually
-from tests.test_coalescing import inbox_counts, mirror_view, polar_view
 from worker import queue
 from worker.config import Settings
 from worker.intake.receiver import running
-from worker.models import WebhookDelivery
-from worker.platform.db import create_engine, session_factory
 from worker.process.supervise import keep_worker_running
 from worker.schedule.jobs import build_worker
 from worker.simulator.server import SimulatedPolar
@@ -81,15 +77,6 @@ def converged(settings: Settings, sim: SimulatedPolar, scope_ids: list[str]) -> 
         return counts["open_deliveries"] == 0 and counts["open_scopes"] == 0
 
     return check
-
-
-async def stored_ids(settings: Settings) -> set[str]:
-    engine = create_engine(settings.database_url)
-    try:
-        async with session_factory(engine)() as session:
-            return set((await session.execute(select(col(WebhookDelivery.webhook_id)))).scalars())
-    finally:
-        await engine.dispose()
 
 
 def acknowledged_ids(sim: SimulatedPolar) -> set[str]:
@@ -185,7 +172,7 @@ async def test_redis_outage_acknowledges_everything_and_the_sweep_mirrors_it(
                 await worker.stop()
         finally:
             await redis.close()
-    assert acknowledged_ids(sim) <= await stored_ids(settings)
+    assert acknowledged_ids(sim) <= set(await delivery_ids(settings.database_url))
 
 
 # ---------------------------------------------------------------------- database down
@@ -278,7 +265,7 @@ async def test_database_outage_answers_503_then_retries_land_and_converge(
     assert all(d.delivered for d in sim.webhooks.deliveries.values())
     assert db_retries, "no sync job met the outage"
     assert len(db_retries) <= settings.sync_max_tries
-    assert acknowledged_ids(sim) <= await stored_ids(direct)
+    assert acknowledged_ids(sim) <= set(await delivery_ids(direct.database_url))
 
 
 # ---------------------------------------------------------------------- Polar down
@@ -356,7 +343,7 @@ async def test_polar_503_outage_backs_off_then_converges_without_a_storm(
             await worker.stop()
 
     assert {a.status_code for a in sim.webhooks.attempts} == {202}
-    assert acknowledged_ids(sim) <= await stored_ids(settings)
+    assert acknowledged_ids(sim) <= set(await delivery_ids(settings.database_url))
 
 
 async def test_worker_process_loop_survives_redis_loss(
