@@ -29,54 +29,26 @@ import pytest
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
-from sqlalchemy import select, text
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
-from sqlmodel import col
 from typer.testing import CliRunner
 
-from tests.support.polar_signing import polar_headers, polar_signature_header
+from tests.support.commands import SEAT_SYNC, env_for, environment, forget_own_variables, seat_sync
+from tests.support.mirror import delivery_ids
+from tests.support.polar_signing import polar_signature_header
 from tests.support.ports import free_port
 from tests.support.settings import SIM_TOKEN, WEBHOOK_SECRET, make_settings
+from tests.support.waiting import until_answering
+from tests.support.webhooks import receiver_client, signed_headers
 from tests.support.workers import run_worker_until_idle
-from tests.test_cli import SEAT_SYNC, env_for, seat_sync
-from worker.config import ConfigError, Settings, load_settings
-from worker.intake.receiver import MAX_BODY_BYTES, create_app, running
-from worker.models import WebhookDelivery
+from worker.config import ConfigError, load_settings
+from worker.intake.receiver import MAX_BODY_BYTES, running
 from worker.platform import logs
-from worker.platform.db import create_engine, redacted, session_factory
+from worker.platform.db import create_engine, redacted
 from worker.simulator.server import SimulatedPolar
 
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "120"))
 ANSWERS = {200, 202, 400, 403, 413}  # with the database up: never 5xx
-
-
-def signed(body: bytes, *, stamp: int | None = None) -> dict[str, str]:
-    """The headers of one delivery of `body` as Polar signs it. The fuzz signs with the
-    legacy key (the secret's own bytes), which exists for any secret string, made-up
-    ones included; the receiver accepts both keys."""
-    return polar_headers(WEBHOOK_SECRET, "legacy", body, timestamp=stamp)
-
-
-async def stored_ids(database_url: str) -> list[str]:
-    engine = create_engine(database_url)
-    try:
-        async with session_factory(engine)() as session:
-            return list((await session.execute(select(col(WebhookDelivery.webhook_id)))).scalars())
-    finally:
-        await engine.dispose()
-
-
-@contextlib.asynccontextmanager
-async def asgi_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings, redis_url=None)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
-            base_url="http://receiver",
-        ) as client,
-    ):
-        yield client
 
 
 # ---------------------------------------------------------------------- the fuzz
@@ -205,7 +177,7 @@ async def test_fuzzed_requests_never_500_and_store_only_signed_deliveries(
     signed_ids: set[str] = set()
     seen: dict[int, int] = {}
 
-    async with asgi_client(settings) as client:
+    async with receiver_client(settings, raise_app_exceptions=False) as client:
         loop = asyncio.get_running_loop()
 
         async def send(body: bytes, headers: list[tuple[bytes, bytes]]) -> int:
@@ -232,7 +204,7 @@ async def test_fuzzed_requests_never_500_and_store_only_signed_deliveries(
 
         await asyncio.to_thread(one)
 
-    stored = await stored_ids(database_url)
+    stored = await delivery_ids(database_url)
     assert len(stored) == len(set(stored))
     assert set(stored) <= signed_ids
     assert 202 in seen and 403 in seen, seen  # the fuzz reached both sides of the check
@@ -252,15 +224,15 @@ async def test_deeply_nested_json_is_refused_not_a_crash(hook_url: str, database
     correctly signed, that must be a 400, and the process must keep serving."""
     deep = b'{"type":"x","data":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     async with httpx.AsyncClient(timeout=30) as client:
-        unsigned = await client.post(hook_url, content=deep, headers=signed(b"other"))
-        answer = await client.post(hook_url, content=deep, headers=signed(deep))
+        unsigned = await client.post(hook_url, content=deep, headers=signed_headers(b"other"))
+        answer = await client.post(hook_url, content=deep, headers=signed_headers(deep))
         after = await client.post(
-            hook_url, content=b'{"type":"x"}', headers=signed(b'{"type":"x"}')
+            hook_url, content=b'{"type":"x"}', headers=signed_headers(b'{"type":"x"}')
         )
     assert unsigned.status_code == 403
     assert answer.status_code == 400, answer.text[:200]
     assert after.status_code == 202
-    assert len(await stored_ids(database_url)) == 1
+    assert len(await delivery_ids(database_url)) == 1
 
 
 @pytest.mark.parametrize(
@@ -282,17 +254,17 @@ async def test_odd_but_signed_payloads_get_a_definite_answer(
     """Signed, so they pass verification: the answer is 202 or 400, never 500 and never 503
     (a 503 makes Polar retry the same bytes until it disables the endpoint)."""
     async with httpx.AsyncClient() as client:
-        answer = await client.post(hook_url, content=body, headers=signed(body))
+        answer = await client.post(hook_url, content=body, headers=signed_headers(body))
     allowed = expected if isinstance(expected, tuple) else (expected,)
     assert answer.status_code in allowed, answer.text[:200]
-    assert len(await stored_ids(database_url)) == (1 if answer.status_code == 202 else 0)
+    assert len(await delivery_ids(database_url)) == (1 if answer.status_code == 202 else 0)
 
 
 async def test_replayed_tampered_and_duplicated_signatures_store_nothing(
     hook_url: str, database_url: str
 ) -> None:
     body = b'{"type":"customer_seat.assigned","data":{"subscription_id":"s1"}}'
-    good = signed(body)
+    good = signed_headers(body)
     now = int(time.time())
     cases: list[tuple[bytes, list[tuple[str, str]]]] = [
         (body.replace(b"s1", b"s2"), list(good.items())),  # replay: same id+ts+sig, new body
@@ -305,8 +277,8 @@ async def test_replayed_tampered_and_duplicated_signatures_store_nothing(
                 ("webhook-signature", good["webhook-signature"]),
             ],
         ),
-        (body, [(k, v) for k, v in signed(body, stamp=now - 3600).items()]),
-        (body, [(k, v) for k, v in signed(body, stamp=now + 3600).items()]),
+        (body, [(k, v) for k, v in signed_headers(body, timestamp=now - 3600).items()]),
+        (body, [(k, v) for k, v in signed_headers(body, timestamp=now + 3600).items()]),
         (
             body,
             [
@@ -324,7 +296,7 @@ async def test_replayed_tampered_and_duplicated_signatures_store_nothing(
         replayed = await client.post(hook_url, content=body, headers=good)
     assert answers == [403] * len(cases)
     assert (accepted.status_code, replayed.status_code) == (202, 200)
-    assert await stored_ids(database_url) == [good["webhook-id"]]
+    assert await delivery_ids(database_url) == [good["webhook-id"]]
 
 
 # ---------------------------------------------------------------------- memory
@@ -337,8 +309,7 @@ async def test_memory_stays_bounded_under_many_huge_bodies(
     Content-Length) and 40 maximal 1 MiB bodies, eight at a time: its resident memory grows
     by no more than the bodies in flight at once plus slack, not with the number sent."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("POLAR_", "DATABASE_"))}
-    env.update(
+    env = environment(
         DATABASE_URL=database_url,
         REDIS_URL=redis_url,
         POLAR_ACCESS_TOKEN=SIM_TOKEN,
@@ -352,12 +323,12 @@ async def test_memory_stays_bounded_under_many_huge_bodies(
         )
         try:
             url = f"http://127.0.0.1:{port}/webhooks/polar"
+            await until_answering(
+                f"http://127.0.0.1:{port}/healthz",
+                within=10,
+                what=lambda: "web up:\n" + (tmp_path / "web.log").read_text(errors="replace"),
+            )
             async with httpx.AsyncClient(timeout=30) as client:
-                for _ in range(200):
-                    with contextlib.suppress(httpx.TransportError):
-                        if (await client.get(f"http://127.0.0.1:{port}/healthz")).is_success:
-                            break
-                    await asyncio.sleep(0.05)
                 mebibyte = b"x" * MAX_BODY_BYTES
                 oversized = mebibyte + b"x"
 
@@ -371,7 +342,9 @@ async def test_memory_stays_bounded_under_many_huge_bodies(
                     elif kind == "streamed":
                         response = await client.post(url, content=streamed())
                     else:
-                        response = await client.post(url, content=mebibyte, headers=signed(b"-"))
+                        response = await client.post(
+                            url, content=mebibyte, headers=signed_headers(b"-")
+                        )
                     return response.status_code
 
                 async def wave(kinds: list[str]) -> list[int]:
@@ -398,7 +371,7 @@ async def test_memory_stays_bounded_under_many_huge_bodies(
     assert codes.count(403) == 40
     assert healthy == 200
     assert grown < 64 * 1024 * 1024, f"RSS grew by {grown / 2**20:.0f} MiB"
-    assert await stored_ids(database_url) == []
+    assert await delivery_ids(database_url) == []
 
 
 # ---------------------------------------------------------------------- secrets on error paths
@@ -435,7 +408,10 @@ async def test_no_secret_on_error_paths(
                 {"type": "customer_seat.assigned", "data": {"subscription_id": sub["id"]}}
             ).encode()
             async with httpx.AsyncClient() as client:
-                for headers in (signed(body), {**signed(body), "webhook-signature": "v1,x"}):
+                for headers in (
+                    signed_headers(body),
+                    {**signed_headers(body), "webhook-signature": "v1,x"},
+                ):
                     outputs.append(
                         (await client.post(hook_url, content=body, headers=headers)).text
                     )
@@ -448,7 +424,7 @@ async def test_no_secret_on_error_paths(
             running(make_settings(unreachable), redis_url=None) as down_url,
             httpx.AsyncClient() as client,
         ):
-            answer = await client.post(down_url, content=body, headers=signed(body))
+            answer = await client.post(down_url, content=body, headers=signed_headers(body))
             assert answer.status_code == 503
             outputs.append(answer.text)
             outputs.append((await client.get(down_url.replace("/webhooks/polar", "/readyz"))).text)
@@ -506,9 +482,7 @@ def test_polar_api_url_must_be_https_unless_loopback_or_opted_in(
     monkeypatch: pytest.MonkeyPatch, url: str, insecure_ok: bool, accepted: bool
 ) -> None:
     """Through the environment, as every process reads it."""
-    for name in list(os.environ):
-        if name.startswith(("POLAR_", "DATABASE_", "REDIS_")):
-            monkeypatch.delenv(name)
+    forget_own_variables(monkeypatch)
     monkeypatch.setenv("POLAR_API_URL", url)
     if insecure_ok:
         monkeypatch.setenv("POLAR_ALLOW_INSECURE_URL", "true")
@@ -586,9 +560,7 @@ def test_query_commands_open_the_database_read_only(
 
     monkeypatch.setattr("worker.resources.create_engine", spying)
     env = {"DATABASE_URL": database_url, "POLAR_ACCESS_TOKEN": SIM_TOKEN, "LOG_FORMAT": "json"}
-    for name in list(os.environ):
-        if name.startswith(("POLAR_", "DATABASE_", "REDIS_")):
-            monkeypatch.delenv(name)
+    forget_own_variables(monkeypatch)
     try:
         result = CliRunner().invoke(app, command, env=env)
     finally:

@@ -15,9 +15,9 @@ from pydantic import SecretStr
 from sqlalchemy import select
 from sqlmodel import col
 
+from tests.support.commands import env_for, seat_sync
 from tests.support.settings import SIM_TOKEN, make_settings
-from tests.support.workers import run_worker_until_idle
-from tests.test_cli import env_for, seat_sync
+from tests.support.workers import run_worker_until_idle, worker_resources
 from worker import queue
 from worker.models import Seat, SeatScope, SyncRun
 from worker.polar.client import PolarClient
@@ -64,11 +64,8 @@ async def wrong_url(
 ) -> AsyncIterator[WorkerResources]:
     """Resources whose POLAR_API_URL has a wrong base path: every call reaches no route."""
     settings = make_settings(database_url, sim, polar_api_url=sim.base_url + "/wrong")
-    started = await WorkerResources.create(settings, redis_url=redis_url)
-    try:
+    async with worker_resources(settings, redis_url) as started:
         yield started
-    finally:
-        await started.aclose()
 
 
 async def test_wrong_base_url_keeps_the_scope_and_its_seats(
@@ -164,16 +161,13 @@ async def test_job_does_not_retry_a_misconfiguration(
     sub_id = populated(sim)
     sim.add_fault("/v1/customer-seats", status=404, body={"detail": "Not Found"}, times=None)
     settings = make_settings(database_url, sim, sync_retry_base_seconds=0.01)
-    services = await WorkerResources.create(settings, redis_url=redis_url)
-    try:
+    async with worker_resources(settings, redis_url) as services:
         assert await queue.request_sync(services.redis, "subscription", sub_id)
         worker = await run_worker_until_idle(settings, redis_url)
         assert (worker.jobs_failed, worker.jobs_retried) == (1, 0)
         assert sim.log.count(path_prefix="/v1/customer-seats") == 1
         scope = await scope_row(services, "subscription", sub_id)
         assert scope.gone_at is None and HINT in (scope.last_error or "")
-    finally:
-        await services.aclose()
 
 
 async def test_full_resync_stops_without_marking_anything_gone(
@@ -282,10 +276,7 @@ async def test_the_configured_api_version_is_sent(
     settings = make_settings(
         database_url, sim, polar_api_url=sim.base_url + "/wrong", polar_api_version="2026-04"
     )
-    services = await WorkerResources.create(settings, redis_url=redis_url)
-    try:
+    async with worker_resources(settings, redis_url) as services:
         # The message names the request as it left, Polar-Version header included.
         with pytest.raises(PolarMisconfiguredError, match=r"\(Polar-Version 2026-04\)"):
             await services.polar.list_seats(subscription_id=populated(sim))
-    finally:
-        await services.aclose()

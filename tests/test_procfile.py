@@ -6,15 +6,16 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 
-import httpx
 from sqlalchemy import select
 from sqlmodel import col
 
+from tests.support.commands import environment
+from tests.support.ports import free_port
 from tests.support.settings import SIM_TOKEN, WEBHOOK_SECRET
+from tests.support.waiting import until_answering
 from worker.models import Seat
 from worker.platform.db import create_engine, session_factory
 from worker.simulator.server import SimulatedPolar
@@ -23,27 +24,18 @@ ROOT = Path(__file__).resolve().parent.parent
 HONCHO = str(Path(sys.executable).with_name("honcho"))
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def test_honcho_runs_web_and_worker_and_mirrors_a_webhook(
     sim: SimulatedPolar, database_url: str, redis_url: str, tmp_path: Path
 ) -> None:
     port = free_port()
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("POLAR_", "DATABASE_", "REDIS_"))
-    }
-    env.update(
+    env = environment(
         DATABASE_URL=database_url,
         REDIS_URL=redis_url,
         POLAR_API_URL=sim.base_url,
         POLAR_ACCESS_TOKEN=SIM_TOKEN,
         POLAR_WEBHOOK_SECRET=WEBHOOK_SECRET,
         LOG_FORMAT="json",
-        PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
+        PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
     )
     release = await asyncio.create_subprocess_exec(
         HONCHO,
@@ -76,16 +68,12 @@ async def test_honcho_runs_web_and_worker_and_mirrors_a_webhook(
         )
         try:
             base = f"http://127.0.0.1:{port}"
-            async with httpx.AsyncClient() as client:
-                for _ in range(200):
-                    try:
-                        if (await client.get(f"{base}/readyz")).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    await asyncio.sleep(0.1)
-                else:
-                    raise AssertionError("web never became ready:\n" + log_path.read_text())
+            await until_answering(
+                f"{base}/readyz",
+                within=30,
+                what=lambda: "web ready:\n" + log_path.read_text(),
+                every=0.1,
+            )
             sim.webhooks.configure(url=f"{base}/webhooks/polar", secret=WEBHOOK_SECRET)
             sub = sim.state.create_subscription(seats=2)
             seat = sim.state.assign(subscription_id=sub["id"], email="honcho@example.com")

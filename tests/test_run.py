@@ -8,43 +8,24 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import socket
-import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
+from tests.support.commands import SEAT_SYNC, environment, seat_sync
+from tests.support.ports import free_port
 from tests.support.settings import SIM_TOKEN
+from tests.support.waiting import until_answering
 from worker.simulator.server import SimulatedPolar
 from worker.simulator.webhooks import SecretKind, new_webhook_secret
 
-SEAT_SYNC = str(Path(sys.executable).with_name("seat-sync"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
 
 async def seats_json(env: dict[str, str], cwd: Path) -> list[dict[str, object]]:
-    proc = await asyncio.create_subprocess_exec(
-        SEAT_SYNC,
-        "seats",
-        "--format",
-        "json",
-        env=env,
-        cwd=cwd,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode == 0, err.decode()
-    rows: list[dict[str, object]] = json.loads(out)
+    ran = await seat_sync("seats", "--format", "json", env=env, cwd=cwd)
+    assert ran.code == 0, ran.err
+    rows: list[dict[str, object]] = json.loads(ran.out)
     return rows
 
 
@@ -54,10 +35,7 @@ async def test_run_mirrors_webhooks_on_embedded_defaults(
 ) -> None:
     secret = new_webhook_secret(secret_kind)
     port = free_port()
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("POLAR_", "DATABASE_", "REDIS_"))
-    }
-    env.update(
+    env = environment(
         POLAR_API_URL=sim.base_url,
         POLAR_ACCESS_TOKEN=SIM_TOKEN,
         POLAR_WEBHOOK_SECRET=secret,
@@ -76,16 +54,11 @@ async def test_run_mirrors_webhooks_on_embedded_defaults(
             stderr=asyncio.subprocess.STDOUT,
         )
         try:
-            async with httpx.AsyncClient() as client:
-                for _ in range(300):
-                    try:
-                        if (await client.get(f"http://127.0.0.1:{port}/readyz")).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    await asyncio.sleep(0.05)
-                else:
-                    raise AssertionError("run never became ready:\n" + log_path.read_text())
+            await until_answering(
+                f"http://127.0.0.1:{port}/readyz",
+                within=20,
+                what=lambda: "run ready:\n" + log_path.read_text(),
+            )
             assert (tmp_path / "seat-sync.db").exists()  # the default SQLite file
             assert (tmp_path / ".seat-sync" / "redis.sock").exists()  # the private Redis
 

@@ -10,7 +10,6 @@ import itertools
 import json
 import os
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -21,6 +20,7 @@ import httpx
 from sqlalchemy import func, select, text
 from sqlmodel import col
 
+from tests.support.commands import SEAT_SYNC, environment
 from tests.support.settings import SIM_TOKEN, WEBHOOK_SECRET
 from worker.models import (
     Seat,
@@ -35,7 +35,6 @@ from worker.platform.db import create_engine, session_factory
 from worker.polar.schemas import CustomerSeat
 from worker.simulator.server import SimulatedPolar
 
-SEAT_SYNC = str(Path(sys.executable).with_name("seat-sync"))
 # The long profile (LONG=1) runs bigger bursts and the slow scenarios.
 LONG = os.environ.get("SEAT_SYNC_LONG_TESTS", "") not in ("", "0")
 START_TIMEOUT = 60.0
@@ -45,10 +44,7 @@ def process_env(
     database_url: str, redis_url: str, sim: SimulatedPolar | None, **settings: Any
 ) -> dict[str, str]:
     """The environment of a seat-sync process: ours replaces any POLAR_/DATABASE_/REDIS_."""
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("POLAR_", "DATABASE_", "REDIS_"))
-    }
-    env.update(
+    env = environment(
         DATABASE_URL=database_url,
         REDIS_URL=redis_url,
         POLAR_API_URL=sim.base_url if sim is not None else "http://127.0.0.1:9",

@@ -1,9 +1,10 @@
 """In-process work for tests that drive the queue themselves: an arq worker run until the
-queue is empty, and scopes synced directly as setup."""
+queue is empty, the resources its jobs get, and scopes synced directly as setup."""
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 from worker.config import Settings
@@ -32,10 +33,18 @@ async def run_worker_until_idle(
     return worker
 
 
+@contextlib.asynccontextmanager
+async def worker_resources(settings: Settings, redis_url: str) -> AsyncIterator[WorkerResources]:
+    """What a worker's jobs get (database, Polar, Redis, budget) for these settings, closed
+    on exit."""
+    resources = await WorkerResources.create(settings, redis_url=redis_url)
+    async with contextlib.aclosing(resources):
+        yield resources
+
+
 async def mirror_subscriptions(settings: Settings, redis_url: str, *subscription_ids: str) -> None:
     """Sync these subscriptions into the mirror in this process (setup, before the test's
     own processes start)."""
-    resources = await WorkerResources.create(settings, redis_url=redis_url)
-    async with contextlib.aclosing(resources):
+    async with worker_resources(settings, redis_url) as resources:
         for subscription_id in subscription_ids:
             await sync_scope(resources, kind="subscription", scope_id=subscription_id)
