@@ -35,7 +35,7 @@ from tests.support.chaos_driver import (
 )
 from tests.support.settings import SIM_TOKEN, make_settings, secret_of
 from tests.support.waiting import eventually
-from tests.support.workers import run_worker_until_idle
+from tests.support.workers import run_worker_until_idle, worker_resources
 from worker.config import Settings
 from worker.intake import inbox
 from worker.intake.receiver import running
@@ -142,8 +142,7 @@ async def run_storm(database_url: str, redis_url: str, seed: int, profile: Profi
             before_mirror = await Mirror.load(database_url)
             before = mirror_differences(storm, before_mirror)
             owed = rung_after_last_change(history, before_mirror)
-            resources = await WorkerResources.create(settings, redis_url=redis_url)
-            async with contextlib.aclosing(resources):
+            async with worker_resources(settings, redis_url) as resources:
                 summary = await resync.resync_all(resources, trigger="chaos", force=True)
             assert summary is not None
             assert summary.failed == 0, summary
@@ -446,8 +445,7 @@ async def test_a_delivery_for_two_scopes_synced_at_once_is_closed(
     seats = [sim.state.assign(subscription_id=s, email="grace@example.com") for s in subs]
     async with running(settings, redis_url=redis_url) as url:
         sim.webhooks.configure(url=url, secret=secret_of(settings))
-        services = await WorkerResources.create(settings, redis_url=redis_url)
-        async with contextlib.aclosing(services):
+        async with worker_resources(settings, redis_url) as services:
             for sub_id in subs:
                 await sync.sync_scope(services, kind="subscription", scope_id=sub_id)
             assert seats[0]["member_id"] == seats[1]["member_id"]

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from sqlalchemy import select
+from sqlmodel import SQLModel
 
-from tests.support.settings import SIM_TOKEN, make_settings
+from tests.support.settings import make_settings
+from tests.support.simulated import polar_from_the_past
+from tests.support.workers import worker_resources
 from worker.models import InvitationReminder, InvitationRenewal
 from worker.resources import Resources, WorkerResources
 from worker.schedule import invitations
@@ -18,26 +22,16 @@ from worker.simulator.server import SimulatedPolar
 from worker.sync.scope import sync_scope
 
 HOUR = 3600.0
+Row = TypeVar("Row", bound=SQLModel)
 
 
 class Crash(BaseException):
     """Stands in for the process dying at a precise point."""
 
 
-async def simulator_from_the_past(**options: Any) -> AsyncIterator[SimulatedPolar]:
-    """A simulator whose clock starts 30 h ago, so invitations can be made to expire."""
-    start = datetime.now(UTC) - timedelta(hours=30)
-    polar = SimulatedPolar(token=SIM_TOKEN, seed=5, clock=lambda: start, **options)
-    await polar.start()
-    try:
-        yield polar
-    finally:
-        await polar.stop()
-
-
 @pytest.fixture
 async def past_sim() -> AsyncIterator[SimulatedPolar]:
-    async for polar in simulator_from_the_past():
+    async with polar_from_the_past(seed=5) as polar:
         yield polar
 
 
@@ -45,25 +39,21 @@ async def past_sim() -> AsyncIterator[SimulatedPolar]:
 async def legacy_sim() -> AsyncIterator[SimulatedPolar]:
     """An organisation without Polar's member model: a seat's `email` is null and the
     holder's address is its `customer_email`."""
-    async for polar in simulator_from_the_past(member_model=False):
+    async with polar_from_the_past(seed=5, member_model=False) as polar:
         yield polar
 
 
 @pytest.fixture
 async def services_for(database_url: str, redis_url: str) -> AsyncIterator[Any]:
-    opened: list[WorkerResources] = []
+    """Opens worker resources on a simulator (with extra settings); all closed at the end."""
+    async with contextlib.AsyncExitStack() as stack:
 
-    async def factory(sim: SimulatedPolar, **extra: Any) -> WorkerResources:
-        extra.setdefault("remind_spread_seconds", 0.0)
-        services = await WorkerResources.create(
-            make_settings(database_url, sim, **extra), redis_url=redis_url
-        )
-        opened.append(services)
-        return services
+        async def factory(sim: SimulatedPolar, **extra: Any) -> WorkerResources:
+            extra.setdefault("remind_spread_seconds", 0.0)
+            settings = make_settings(database_url, sim, **extra)
+            return await stack.enter_async_context(worker_resources(settings, redis_url))
 
-    yield factory
-    for s in opened:
-        await s.aclose()
+        yield factory
 
 
 def scenario(sim: SimulatedPolar) -> dict[str, Any]:
@@ -93,9 +83,10 @@ def scenario(sim: SimulatedPolar) -> dict[str, Any]:
     }
 
 
-async def reminders(services: Resources) -> list[InvitationReminder]:
+async def rows(services: Resources, table: type[Row]) -> list[Row]:
+    """Every row of `table` (reminders or renewals recorded)."""
     async with services.sessions() as session:
-        return list((await session.execute(select(InvitationReminder))).scalars())
+        return list((await session.execute(select(table))).scalars())
 
 
 async def test_exactly_one_reminder_per_invitation_across_workers_and_runs(
@@ -116,7 +107,7 @@ async def test_exactly_one_reminder_per_invitation_across_workers_and_runs(
     assert state.resend_count(seats["expiring"]["id"]) == 1
     for other in ("expired", "far", "claimed", "revoked", "instant"):
         assert state.resend_count(seats[other]["id"]) == 0, other
-    [row] = await reminders(a)
+    [row] = await rows(a, InvitationReminder)
     assert (row.outcome, row.recipient) == ("sent", "soon@example.com")
     assert row.invitation_expires_at == datetime.fromisoformat(
         seats["expiring"]["invitation_token_expires_at"].replace("Z", "+00:00")
@@ -134,7 +125,7 @@ async def test_claimed_meanwhile_is_recorded_and_resynced(
     assert report.outcomes == {"not_pending": 1}
     assert await services.redis.zcard("seat-sync:queue") == 1  # a sync of the scope was queued
     await invitations.remind_expiring(services)
-    assert [r.outcome for r in await reminders(services)] == ["not_pending"]
+    assert [r.outcome for r in await rows(services, InvitationReminder)] == ["not_pending"]
 
 
 async def test_invalid_token_is_recorded_and_not_retried(
@@ -169,7 +160,7 @@ async def test_crash_between_call_and_record_never_sends_twice(
     assert past_sim.state.resend_count(seats["expiring"]["id"]) == 1
     monkeypatch.setattr(invitations, "STALE_SENDING", timedelta(0))
     await invitations.remind_expiring(services)
-    [row] = await reminders(services)
+    [row] = await rows(services, InvitationReminder)
     assert row.outcome == "unknown"
     assert past_sim.state.resend_count(seats["expiring"]["id"]) == 1
 
@@ -182,11 +173,6 @@ def pending_for(sim: SimulatedPolar, sub_id: str, email: str) -> list[dict[str, 
         for s in sim.state.list_seats(subscription_id=sub_id)["seats"]
         if s["status"] == "pending" and (s["email"] or s["customer_email"]) == email
     ]
-
-
-async def renewals(services: Resources) -> list[InvitationRenewal]:
-    async with services.sessions() as session:
-        return list((await session.execute(select(InvitationRenewal))).scalars())
 
 
 async def test_expired_invitee_gets_one_fresh_invitation(
@@ -207,7 +193,7 @@ async def test_expired_invitee_gets_one_fresh_invitation(
     await sync_scope(services, kind="subscription", scope_id=seats["sub"])
     assert (await invitations.renew_expired(services)).outcomes == {}
     assert len(pending_for(past_sim, seats["sub"], "late@example.com")) == 1
-    [row] = await renewals(services)
+    [row] = await rows(services, InvitationRenewal)
     assert (row.state, row.new_seat_id) == ("assigned", fresh["id"])
 
 
@@ -229,7 +215,7 @@ async def test_crash_between_revoke_and_assign_is_recovered(
     assert (
         pending_for(past_sim, seats["sub"], "late@example.com") == []
     )  # revoked, not yet re-invited
-    [row] = await renewals(services)
+    [row] = await rows(services, InvitationRenewal)
     assert row.state == "revoked"
 
     monkeypatch.setattr(polar, "assign", real_assign)
@@ -259,7 +245,7 @@ async def test_crash_after_assign_before_record_does_not_assign_twice(
     monkeypatch.setattr(invitations, "_set_renewal", real_set)
     await invitations.renew_expired(services)
     assert len(pending_for(past_sim, seats["sub"], "late@example.com")) == 1
-    [row] = await renewals(services)
+    [row] = await rows(services, InvitationRenewal)
     assert row.state == "assigned"
     # Resumed as SeatAlreadyAssigned, it still has the scope synced, so the mirror does
     # not keep the expired invitation until the next full resync.
@@ -277,7 +263,7 @@ async def test_a_renewal_deferred_by_a_polar_error_still_has_the_scope_synced(
     report = await invitations.renew_expired(services)
     assert report.outcomes == {"deferred": 1}
     assert past_sim.state.get_seat(seats["expired"]["id"])["status"] == "revoked"
-    [row] = await renewals(services)
+    [row] = await rows(services, InvitationRenewal)
     assert row.state == "revoked"
     assert await services.redis.zcard("seat-sync:queue") == 1
 
@@ -302,7 +288,7 @@ async def test_slot_taken_between_revoke_and_assign_is_reported(
     monkeypatch.setattr(polar, "revoke", revoke_then_someone_takes_it)
     report = await invitations.renew_expired(services)
     assert report.outcomes == {"slot_taken": 1}
-    [row] = await renewals(services)
+    [row] = await rows(services, InvitationRenewal)
     assert row.state == "slot_taken" and "SeatNotAvailable" in (row.error or "")
 
 
@@ -331,7 +317,7 @@ async def test_a_legacy_organisation_seat_gets_exactly_one_reminder(
         await invitations.remind_expiring(a)
 
     assert state.resend_count(seat["id"]) == 1
-    [row] = await reminders(a)
+    [row] = await rows(a, InvitationReminder)
     assert (row.outcome, row.recipient, row.seat_id) == ("sent", "lee@example.com", seat["id"])
 
 
@@ -353,7 +339,7 @@ async def test_a_legacy_organisation_expired_invitation_is_renewed_to_its_custom
     assert address_of(fresh) == (None, "lee@example.com")
     new_expiry = datetime.fromisoformat(fresh["invitation_token_expires_at"].replace("Z", "+00:00"))
     assert new_expiry > datetime.now(UTC) + timedelta(hours=23)
-    [row] = await renewals(services)
+    [row] = await rows(services, InvitationRenewal)
     assert (row.recipient, row.state, row.new_seat_id) == (
         "lee@example.com",
         "assigned",
