@@ -13,15 +13,16 @@ from typing import Any
 
 import pytest
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
 
+from tests.support.mirror import mirrored_seat
 from tests.support.settings import SIM_TOKEN, make_settings
 from tests.support.workers import run_worker_until_idle
 from worker.intake.receiver import running
 from worker.intake.routing import RouteHint, ScopeRef, hint_for, route
 from worker.models import Seat, SyncRun, WebhookDelivery, utcnow
-from worker.platform.db import create_engine, session_factory, transaction
+from worker.platform.db import transaction
 from worker.simulator.server import SimulatedPolar
 
 TEAM = ScopeRef("subscription", "sub-team")
@@ -30,34 +31,9 @@ PASS = ScopeRef("order", "ord-pass")
 OTHER = ScopeRef("subscription", "sub-other")
 
 
-@pytest.fixture
-async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    created = create_engine(database_url)
-    yield created
-    await created.dispose()
-
-
-@pytest.fixture
-def sessions(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    return session_factory(engine)
-
-
-def seat(seat_id: str, scope: ScopeRef, **values: Any) -> Seat:
-    now = utcnow()
-    return Seat(
-        id=seat_id,
-        created_at=now,
-        synced_at=now,
-        status=values.pop("status", "pending"),
-        subscription_id=scope.scope_id if scope.kind == "subscription" else None,
-        order_id=scope.scope_id if scope.kind == "order" else None,
-        **values,
-    )
-
-
 def legacy_seat(seat_id: str, scope: ScopeRef, customer_id: str, address: str) -> Seat:
     """A seat of an organisation without the member model: no member, no `email`."""
-    return seat(seat_id, scope, customer_id=customer_id, customer_email=address)
+    return mirrored_seat(seat_id, scope, customer_id=customer_id, customer_email=address)
 
 
 async def mirror(sessions: async_sessionmaker[AsyncSession], *seats: Seat) -> None:
@@ -135,9 +111,9 @@ async def test_member_created_syncs_the_scope_of_a_seat_assigned_to_its_address(
 ) -> None:
     await mirror(
         sessions,
-        seat("seat-1", TEAM, email="new@example.com", customer_id="cus-team"),
+        mirrored_seat("seat-1", TEAM, email="new@example.com", customer_id="cus-team"),
         legacy_seat("seat-2", SOLO, "cus-own", "new@example.com"),
-        seat("seat-3", OTHER, email="else@example.com", customer_id="cus-other"),
+        mirrored_seat("seat-3", OTHER, email="else@example.com", customer_id="cus-other"),
     )
     scopes = await routed(
         sessions,
@@ -152,9 +128,9 @@ async def test_member_created_syncs_the_scopes_of_its_customer(
 ) -> None:
     await mirror(
         sessions,
-        seat("seat-1", TEAM, email="first@example.com", customer_id="cus-team"),
-        seat("seat-2", PASS, email="second@example.com", customer_id="cus-team"),
-        seat("seat-3", OTHER, email="else@example.com", customer_id="cus-other"),
+        mirrored_seat("seat-1", TEAM, email="first@example.com", customer_id="cus-team"),
+        mirrored_seat("seat-2", PASS, email="second@example.com", customer_id="cus-team"),
+        mirrored_seat("seat-3", OTHER, email="else@example.com", customer_id="cus-other"),
     )
     scopes = await routed(
         sessions,
@@ -167,7 +143,9 @@ async def test_member_created_syncs_the_scopes_of_its_customer(
 async def test_member_created_for_nobody_in_the_mirror_syncs_nothing(
     sessions: async_sessionmaker[AsyncSession],
 ) -> None:
-    await mirror(sessions, seat("seat-1", TEAM, email="a@example.com", customer_id="cus-a"))
+    await mirror(
+        sessions, mirrored_seat("seat-1", TEAM, email="a@example.com", customer_id="cus-a")
+    )
     scopes = await routed(
         sessions,
         "member.created",
@@ -182,12 +160,8 @@ async def test_member_created_for_nobody_in_the_mirror_syncs_nothing(
 @pytest.fixture
 async def legacy_polar() -> AsyncIterator[SimulatedPolar]:
     """An organisation without the member model, whose endpoint secret Polar generated."""
-    polar = SimulatedPolar(token=SIM_TOKEN, seed=11, member_model=False)
-    await polar.start()
-    try:
+    async with SimulatedPolar(token=SIM_TOKEN, seed=11, member_model=False) as polar:
         yield polar
-    finally:
-        await polar.stop()
 
 
 async def test_a_customer_email_change_reaches_the_mirror_through_customer_updated(
