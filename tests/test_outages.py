@@ -293,7 +293,8 @@ async def test_polar_503_outage_backs_off_then_converges_without_a_storm(
         sync_max_tries=tries_to_outlast(seconds, RETRY_BASE),
         # No deferred follow-ups: a job enqueued before the count starts must not run
         # during the outage and be charged to the jobs counted there.
-        sync_min_interval_seconds=0,
+        sync_quiet_seconds=0,
+        sync_max_wait_seconds=0,
     )
     worker: BackgroundWorker | None = None
     enqueued: list[str] = []
