@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import io
 import json
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -26,6 +27,7 @@ from sqlalchemy import event, func, select, text
 from sqlalchemy.engine import Engine
 from sqlmodel import SQLModel
 
+from tests.support.commands import env_for, seat_sync
 from tests.support.polar_signing import polar_headers
 from tests.support.ports import free_port
 from tests.support.processes import Database, fleet, mirror_differences, process_env
@@ -152,6 +154,31 @@ async def test_seat_sync_run_serves_one_metrics_port_for_worker_and_receiver(
         assert run.running
     assert procs.problems() == []
     assert "address already in use" not in run.output().lower()
+
+
+async def test_a_metrics_port_in_use_stops_seat_sync_web_with_one_line(
+    database_url: str, redis_url: str, sim: SimulatedPolar
+) -> None:
+    """Before it takes a webhook: the port is bound first, and the failure names the
+    setting (exit 2, a bad setting)."""
+    port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        metrics_port = taken.getsockname()[1]
+        env = env_for(
+            database_url,
+            sim,
+            redis_url,
+            POLAR_WEBHOOK_SECRET=WEBHOOK_SECRET,
+            METRICS_PORT=str(metrics_port),
+        )
+        ran = await seat_sync("web", "--port", str(port), env=env)
+    assert ran.code == 2, ran
+    assert ran.err.strip().splitlines() == [
+        f"error: METRICS_PORT: cannot listen on 127.0.0.1:{metrics_port}: Address already in use"
+    ]
+    assert "Traceback" not in ran.out + ran.err
 
 
 # ---------------------------------------------------------------------- scrape cost

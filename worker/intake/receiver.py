@@ -28,7 +28,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from worker import queue
-from worker.config import Settings
+from worker.config import ConfigError, Settings
 from worker.intake.inbox import Recorded, record_delivery
 from worker.intake.signature import (
     TOLERANCE_SECONDS,
@@ -417,15 +417,12 @@ class Receiver:
         return "ok"
 
 
-def create_app(
-    settings: Settings, *, redis_url: str | None = None, metrics_server: bool = True
-) -> Starlette:
+def create_app(settings: Settings, *, redis_url: str | None = None) -> Starlette:
     """The receiver for these settings; Redis from `redis_url`, else REDIS_URL.
 
     It answers only what Polar and a load balancer need: `POST /webhooks/polar`,
-    `GET /healthz`, `GET /readyz`; anything else is 404. `/metrics` is served on
-    METRICS_PORT by a server of its own, started with the app when `metrics_server` (and
-    METRICS_PORT is set): the webhook port is public, metrics are not."""
+    `GET /healthz`, `GET /readyz`; anything else is 404. `/metrics` is not here: the
+    webhook port is public, metrics are not (see `serve`)."""
     secret = settings.require_webhook_secret().get_secret_value()
     redis_url = redis_url or settings.redis_url
     holder: dict[str, Receiver] = {}
@@ -440,16 +437,13 @@ def create_app(
             redis=lazy_redis(redis_url) if redis_url else None,
             window=queue.SyncWindow.of(settings),
         )
+        holder["receiver"] = receiver
+        log.info("webhook_receiver_started", redis_configured=redis_url is not None)
         try:
-            async with contextlib.AsyncExitStack() as stack:
-                if metrics_server and settings.metrics_port is not None:
-                    await stack.enter_async_context(_metrics(settings, receiver))
-                holder["receiver"] = receiver
-                log.info("webhook_receiver_started", redis_configured=redis_url is not None)
-                yield
+            yield
         finally:
-            holder.pop("receiver", None)
             await receiver.close()
+            holder.pop("receiver", None)
 
     def _receiver() -> Receiver:
         try:
@@ -476,28 +470,54 @@ def create_app(
     )
 
 
-def _metrics(settings: Settings, receiver: Receiver) -> contextlib.AbstractAsyncContextManager[str]:
-    """The web process's metrics server, reading the gauges through the receiver's pools."""
-    assert settings.metrics_port is not None
+@contextlib.asynccontextmanager
+async def metrics_serving(
+    settings: Settings, *, redis_url: str | None
+) -> AsyncIterator[str | None]:
+    """The web process's `/metrics` on METRICS_HOST:METRICS_PORT (nothing when unset), with
+    pools of its own (one connection at a time: one refresh runs at once); yields its URL.
+    A port in use fails here, before the receiver takes a webhook."""
+    if settings.metrics_port is None:
+        yield None
+        return
+    engine = create_engine(settings.database_url, pool_size=1)
+    redis = lazy_redis(redis_url) if redis_url else None
     budget = (
         RedisBudget(
-            receiver.redis,
+            redis,
             settings.polar_requests_per_minute,
             window_ms=int(settings.polar_rate_window_seconds * 1000),
         )
-        if receiver.redis is not None
+        if redis is not None
         else None
     )
+    sessions = session_factory(engine)
 
     async def refresh() -> None:
-        await gauges.refresh(receiver.sessions, redis=receiver.redis, budget=budget)
+        await gauges.refresh(sessions, redis=redis, budget=budget)
 
-    return serving.metrics_running(
+    server = serving.metrics_running(
         settings.metrics_port,
         refresh,
         every=settings.metrics_refresh_seconds,
         host=settings.metrics_host,
     )
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                url = await stack.enter_async_context(server)
+            except OSError as exc:
+                raise ConfigError(
+                    f"METRICS_PORT: cannot listen on {settings.metrics_host}:"
+                    f"{settings.metrics_port}: {exc.strerror or exc}"
+                ) from None
+            yield url
+    finally:
+        if redis is not None:
+            with contextlib.suppress(Exception):
+                await redis.aclose()
+                await redis.connection_pool.disconnect()
+        await engine.dispose()
 
 
 async def serve(
@@ -510,12 +530,17 @@ async def serve(
     metrics_server: bool = True,
 ) -> None:
     """Run the receiver under uvicorn until SIGINT/SIGTERM (when `handle_signals`) or until
-    the calling task is cancelled; either way it shuts down gracefully. `metrics_server`:
-    see `create_app`."""
-    app = create_app(settings, redis_url=redis_url, metrics_server=metrics_server)
-    await serving.serve(
-        app, host=host, port=port, handle_signals=handle_signals, what="webhook receiver"
-    )
+    the calling task is cancelled; either way it shuts down gracefully. With
+    `metrics_server` (and METRICS_PORT set), `/metrics` is served beside it on its own
+    port (`seat-sync run` leaves that to its worker: one metrics server per process)."""
+    app = create_app(settings, redis_url=redis_url)
+    redis_url = redis_url or settings.redis_url
+    async with contextlib.AsyncExitStack() as stack:
+        if metrics_server:
+            await stack.enter_async_context(metrics_serving(settings, redis_url=redis_url))
+        await serving.serve(
+            app, host=host, port=port, handle_signals=handle_signals, what="webhook receiver"
+        )
 
 
 @contextlib.asynccontextmanager
@@ -526,8 +551,11 @@ async def running(
     host: str = "127.0.0.1",
     port: int = 0,
 ) -> AsyncIterator[str]:
-    """Serve the receiver inside the current event loop (tests, demo, benchmark); yields
-    the webhook URL."""
+    """Serve the receiver inside the current event loop (tests, demo, benchmark), and
+    `/metrics` on METRICS_PORT when it is set; yields the webhook URL."""
     app = create_app(settings, redis_url=redis_url)
-    async with serving.running(app, host=host, port=port, what="webhook receiver") as base_url:
+    async with (
+        metrics_serving(settings, redis_url=redis_url or settings.redis_url),
+        serving.running(app, host=host, port=port, what="webhook receiver") as base_url,
+    ):
         yield base_url + WEBHOOK_PATH

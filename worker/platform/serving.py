@@ -48,10 +48,17 @@ async def serve(
     app: ASGIApp, *, host: str, port: int, handle_signals: bool = True, what: str = "server"
 ) -> None:
     """Run `app` under uvicorn until SIGINT/SIGTERM (when `handle_signals`) or until the
-    calling task is cancelled; either way it shuts down gracefully."""
+    calling task is cancelled; either way it shuts down gracefully. A port in use is an
+    OSError naming `what` and the address, before the app starts."""
+    try:
+        sock = _bind(host, port)
+    except OSError as exc:
+        raise OSError(
+            exc.errno, f"{what} cannot listen on {host}:{port}: {exc.strerror or exc}"
+        ) from None
     config = uvicorn_config(app, host=host, port=port)
     server = uvicorn.Server(config) if handle_signals else _QuietServer(config)
-    task = asyncio.ensure_future(server.serve())
+    task = asyncio.ensure_future(_serve_on(server, sock))
     try:
         await asyncio.shield(task)
     except asyncio.CancelledError:
@@ -59,8 +66,17 @@ async def serve(
         with contextlib.suppress(asyncio.CancelledError):
             await task
         raise
+    finally:
+        sock.close()
     if not server.started:
-        raise RuntimeError(f"{what} failed to start on {host}:{port}")
+        raise RuntimeError(f"{what} failed to start on {host}:{port} (see the log above)")
+
+
+async def _serve_on(server: uvicorn.Server, sock: socket.socket) -> None:
+    # uvicorn exits the process when the app's startup fails (it logged why); the caller
+    # sees `server.started` false and raises instead.
+    with contextlib.suppress(SystemExit):
+        await server.serve(sockets=[sock])
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -90,7 +106,7 @@ async def running(
     config = uvicorn_config(app, host=host, port=bound_port)
     config.timeout_graceful_shutdown = 1
     server = _QuietServer(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
+    task = asyncio.create_task(_serve_on(server, sock))
     try:
         while not server.started:
             if task.done():
