@@ -4,9 +4,9 @@ Idempotent: the same list applied twice writes no seat and no history row the se
 Serialised per scope by a row lock on seat_scope (SQLite: the whole write transaction is
 serialised), and an older fetch never overwrites the state written by a newer one.
 
-`reconcile_scope` runs at the speed of the driver: it converts every value into the form
-the driver stores exactly once, compares and writes those, and uses a handful of statements
-per scope whatever the number of seats:
+`reconcile_scope` aims at the speed of the driver: it converts every value into the form the
+driver stores exactly once, compares and writes those without per-value bind or result
+processing, and runs a handful of statements per scope whatever the number of seats:
 
 1. **Convert.** Polar's list becomes storage rows: one tuple per seat, every timestamp
    already in the database's form (SQLite: naive UTC text `YYYY-MM-DD HH:MM:SS.ffffff`;
@@ -286,6 +286,9 @@ class _Backend:
 
 
 def _claim_sql(marks: Sequence[str]) -> str:
+    # PostgreSQL locks the conflicting row even when the WHERE refuses the update, so a
+    # concurrent reconcile of the scope waits here either way; a new row is locked as
+    # inserted. SQLite: the transaction already holds the database's write lock.
     columns = (
         "kind",
         "scope_id",
@@ -389,11 +392,7 @@ class _PostgreSQL(_Backend):
         }
         self.probe_sql = f"SELECT {self._stored()} FROM seat WHERE id = ANY($1::varchar[])"  # noqa: S608
         seat_columns = ("id", *POLAR_COLUMNS)
-        # The metadata travels as text and is cast in SQL: cheaper than a json[] codec.
-        arrays = ", ".join(
-            f"${n}::{'text' if c == 'seat_metadata' else self._type(c)}[]"
-            for n, c in enumerate(seat_columns, 1)
-        )
+        arrays = ", ".join(f"${n}::{self._type(c)}[]" for n, c in enumerate(seat_columns, 1))
         unnested = f"unnest({arrays}) AS v({', '.join(seat_columns)})"
         values = ", ".join(
             f"v.{c}::json" if c == "seat_metadata" else f"v.{c}" for c in seat_columns
@@ -425,10 +424,10 @@ class _PostgreSQL(_Backend):
 
     @staticmethod
     def _type(column: str) -> str:
+        # The metadata travels as text and is cast to json in SQL: cheaper than a json[]
+        # codec, and it is the text we compare with.
         if column.endswith("_at"):
             return "timestamptz"
-        if column == "seat_metadata":
-            return "json"
         if column == "sync_run_id":
             return "integer"
         return "text"
