@@ -2,8 +2,9 @@
 
 The simulated Polar (this process) makes each seat change and the benchmark POSTs the
 matching signed webhook to `seat-sync web` (its own process, real uvicorn on loopback,
-PostgreSQL inbox); an arq worker (this process, cron off) syncs from the simulator
-through real Redis into the same database; the benchmark reads the mirror back.
+PostgreSQL inbox); an arq worker (its own process, as in production, cron off) syncs
+from the simulator through real Redis into the same database; the benchmark reads the
+mirror back.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col
 
 from bench.common import (
+    PYTHON,
     REDIS_URL,
-    RESULTS,
     SEATS_PATH,
     SIM_TOKEN,
     RawPoster,
@@ -43,9 +44,7 @@ from bench.common import (
 )
 from worker import queue
 from worker.models import Seat
-from worker.platform import logs
 from worker.platform.db import create_engine
-from worker.schedule.jobs import build_worker
 from worker.simulator.server import SimulatedPolar
 from worker.simulator.state import Event
 from worker.simulator.webhooks import envelope_bytes
@@ -54,7 +53,7 @@ from worker.simulator.webhooks import envelope_bytes
 @dataclass
 class Pipeline:
     sim: SimulatedPolar
-    min_interval: float
+    window: queue.SyncWindow
     scopes: list[str]
     engine: AsyncEngine
     redis: ArqRedis
@@ -107,9 +106,12 @@ class Pipeline:
 
     # ------------------------------------------------------------------ mirror side
 
-    async def mirror(self) -> list[Any]:
+    async def mirror(self, scopes: set[str] | None = None) -> list[Any]:
+        """The mirrored seats (of these subscriptions only, when given)."""
         columns = ("id", "status", "email", "member_id", "claimed_at", "revoked_at")
         query = select(*(col(getattr(Seat, c)) for c in columns)).where(col(Seat.gone_at).is_(None))
+        if scopes is not None:
+            query = query.where(col(Seat.subscription_id).in_(sorted(scopes)))
         async with self.engine.connect() as conn:
             return list((await conn.execute(query)).all())
 
@@ -149,24 +151,26 @@ async def pipeline(
     latency: float,
     budget: int | None,
     max_jobs: int = 10,
-    min_interval: float | None = None,
+    quiet: float | None = None,
+    max_wait: float | None = None,
 ) -> AsyncIterator[Pipeline]:
     """Everything started and the mirror in sync with the seeded simulator; log cleared.
 
-    `min_interval` overrides the worker's SYNC_MIN_INTERVAL_SECONDS (None: its default)."""
+    `quiet` and `max_wait` override SYNC_QUIET_SECONDS and SYNC_MAX_WAIT_SECONDS (None:
+    the defaults), for the receiver and the worker alike."""
     limit = budget or 1_000_000
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    log_file = (RESULTS / "pipeline.worker.log").open("w")
-    logs.configure(log_format="json", level="INFO", stream=log_file)
     sim = SimulatedPolar(token=SIM_TOKEN, rate_limit=limit, latency=latency, seed=11)
     scope_ids = seed_scopes(sim.state, scopes=scopes, seats=seats, capacity=capacity)
     await sim.start()
-    worker_task: asyncio.Task[Any] | None = None
     try:
         async with database("postgresql", "pipeline") as db_url, fresh_redis(REDIS_URL) as r_url:
             # The deployment keeps 80% of the organisation's budget (400 of 500), as by default.
             per_minute = int(budget * 0.8) if budget else 1_000_000
-            extra = {} if min_interval is None else {"sync_min_interval_seconds": min_interval}
+            extra: dict[str, float] = {}
+            if quiet is not None:
+                extra["sync_quiet_seconds"] = quiet
+            if max_wait is not None:
+                extra["sync_max_wait_seconds"] = max_wait
             settings = make_settings(
                 db_url,
                 sim.base_url,
@@ -175,25 +179,26 @@ async def pipeline(
                 **extra,
             )
             port = free_port()
+            # Both processes coalesce with the same window.
+            env = settings_env(settings, r_url) | {
+                "SYNC_QUIET_SECONDS": str(settings.sync_quiet_seconds),
+                "SYNC_MAX_WAIT_SECONDS": str(settings.sync_max_wait_seconds),
+            }
             web = spawn(
                 seat_sync("web", "--host", "127.0.0.1", "--port", str(port)),
-                env=settings_env(settings, r_url),
+                env=env,
                 log="pipeline.web",
             )
-            worker = build_worker(
-                settings, r_url, burst=False, handle_signals=False, max_jobs=max_jobs
-            )
-            worker.cron_jobs = []  # no sweep or full pass: every list call is a webhook's
+            worker = spawn([PYTHON, "-c", _WORKER, str(max_jobs)], env=env, log="pipeline.worker")
             engine = create_engine(db_url)
             redis = await create_pool(queue.redis_settings(r_url))
             try:
                 await wait_port(port, web)
-                worker_task = asyncio.create_task(worker.async_run())
                 client = RawPoster(f"http://127.0.0.1:{port}/webhooks/polar", connections=32)
                 try:
                     line = Pipeline(
                         sim,
-                        settings.sync_min_interval_seconds,
+                        queue.SyncWindow.of(settings),
                         scope_ids,
                         engine,
                         redis,
@@ -201,7 +206,9 @@ async def pipeline(
                         client,
                     )
                     for scope_id in scope_ids:
-                        await queue.request_sync(redis, "subscription", scope_id)
+                        await queue.request_sync(
+                            redis, "subscription", scope_id, window=line.window
+                        )
                     if await line.wait_correct(60) is None:
                         raise RuntimeError("the initial sync did not converge")
                     await line.wait_quiet(quiet=0.5)
@@ -210,14 +217,22 @@ async def pipeline(
                 finally:
                     await client.aclose()
             finally:
-                if worker_task is not None:
-                    worker_task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await worker_task
-                await worker.close()
+                stop(worker)
+                stop(web)
                 await redis.aclose()
                 await engine.dispose()
-                stop(web)
     finally:
         await sim.stop()
-        log_file.close()
+
+
+# `seat-sync worker` with its cron jobs off: no sweep and no full pass, so every list call
+# is a webhook's. Argument: max jobs.
+_WORKER = """
+import os, sys
+from worker.config import load_settings
+from worker.platform import logs
+from worker.schedule.jobs import build_worker
+logs.configure(log_format="json", level="INFO", stream=sys.stdout)
+settings = load_settings()
+build_worker(settings, os.environ["REDIS_URL"], max_jobs=int(sys.argv[1]), cron_jobs=False).run()
+"""

@@ -273,7 +273,9 @@ def build_worker(
         max_jobs=max_jobs,
         job_timeout=600,
         keep_result=0,
-        poll_delay=0.05,
+        # How long a job that may run waits to be noticed: the leading sync of a lone change
+        # starts within it (20 ms; one cheap Redis read per poll per worker).
+        poll_delay=0.02,
         max_tries=settings.sync_max_tries,
         health_check_interval=60,
         health_check_key=f"{queue.QUEUE_NAME}:health-check",
