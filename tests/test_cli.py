@@ -2,55 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.support.settings import SIM_TOKEN
+import pytest
+
+from tests.support.commands import env_for, seat_sync
 from worker.polar.schemas import CustomerSeat
 from worker.simulator.server import SimulatedPolar
-
-SEAT_SYNC = str(Path(sys.executable).with_name("seat-sync"))
-
-
-@dataclass
-class Ran:
-    code: int
-    out: str
-    err: str
-
-
-async def seat_sync(*args: str, env: dict[str, str]) -> Ran:
-    full_env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("POLAR_", "DATABASE_", "REDIS_"))
-    }
-    full_env.update(env)
-    full_env["COLUMNS"] = "200"
-    proc = await asyncio.create_subprocess_exec(
-        SEAT_SYNC,
-        *args,
-        env=full_env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
-    assert proc.returncode is not None
-    return Ran(proc.returncode, out.decode(), err.decode())
-
-
-def env_for(database_url: str, sim: SimulatedPolar, redis_url: str, **extra: str) -> dict[str, str]:
-    return {
-        "DATABASE_URL": database_url,
-        "POLAR_API_URL": sim.base_url,
-        "POLAR_ACCESS_TOKEN": SIM_TOKEN,
-        "REDIS_URL": redis_url,
-        "LOG_FORMAT": "json",
-        **extra,
-    }
 
 
 def normalised(seat: dict[str, Any]) -> dict[str, Any]:
@@ -180,3 +140,199 @@ async def test_auth_failure_is_one_line_without_the_token(
     assert ran.code == 1
     assert "POLAR_ACCESS_TOKEN" in ran.err
     assert "polar_oat_secret_value_123" not in ran.err + ran.out
+
+
+# ---------------------------------------------------------------------- failing in one line
+
+# Every command, with arguments that get it past its own checks to reading the settings.
+EVERY_COMMAND: dict[str, tuple[str, ...]] = {
+    "run": ("run",),
+    "worker": ("worker",),
+    "web": ("web",),
+    "resync": ("resync", "--subscription", "sub_x"),
+    "verify": ("verify",),
+    "assign": ("assign", "--subscription", "sub_x", "--email", "a@example.com"),
+    "revoke": ("revoke", "seat_x"),
+    "resend": ("resend", "seat_x"),
+    "remind": ("remind", "--dry-run"),
+    "renew": ("renew", "--dry-run"),
+    "seats": ("seats",),
+    "seat": ("seat", "seat_x"),
+    "scopes": ("scopes",),
+    "history": ("history", "--lost"),
+    "status": ("status",),
+    "changes": ("changes",),
+    "prune": ("prune", "--dry-run"),
+    "db": ("db", "upgrade"),
+}
+# These read no settings: the simulated Polar and the self-contained demo.
+NO_SETTINGS = {"simulator", "demo"}
+NEED_TOKEN = ("run", "worker", "resync", "verify", "assign", "revoke", "resend", "remind", "renew")
+
+
+def one_error_line(err: str) -> str:
+    """The one line a failure prints (log lines of a process that started may precede it)."""
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
+def test_every_command_is_covered() -> None:
+    import typer.main
+
+    from worker.cli.app import app
+
+    group = typer.main.get_command(app)
+    assert isinstance(group, typer.main.TyperGroup)
+    assert set(group.commands) == set(EVERY_COMMAND) | NO_SETTINGS
+
+
+@pytest.mark.parametrize("command", sorted(EVERY_COMMAND))
+async def test_a_bad_setting_is_one_line_naming_it(command: str, tmp_path: Path) -> None:
+    ran = await seat_sync(
+        *EVERY_COMMAND[command],
+        env={"DATABASE_URL": "mysql://db.example.com/seats", "POLAR_ACCESS_TOKEN": "t"},
+        cwd=tmp_path,
+    )
+
+    assert ran.code == 2, ran.err
+    assert "DATABASE_URL" in one_error_line(ran.err)
+
+
+@pytest.mark.parametrize("command", NEED_TOKEN)
+async def test_a_missing_token_is_one_line_naming_it(command: str, tmp_path: Path) -> None:
+    ran = await seat_sync(
+        *EVERY_COMMAND[command], env={"DATABASE_URL": f"sqlite:///{tmp_path}/m.db"}, cwd=tmp_path
+    )
+
+    assert ran.code == 2, ran.err
+    assert "POLAR_ACCESS_TOKEN is not set" in one_error_line(ran.err)
+
+
+async def test_web_without_the_webhook_secret_is_one_line(tmp_path: Path) -> None:
+    ran = await seat_sync("web", env={"DATABASE_URL": f"sqlite:///{tmp_path}/m.db"}, cwd=tmp_path)
+
+    assert ran.code == 2
+    assert "POLAR_WEBHOOK_SECRET is not set" in one_error_line(ran.err)
+
+
+@pytest.mark.parametrize("command", ["worker", "status", "seats", "prune"])
+async def test_an_unreachable_database_is_one_line(command: str, tmp_path: Path) -> None:
+    ran = await seat_sync(
+        *EVERY_COMMAND[command],
+        env={
+            "DATABASE_URL": "postgresql://seat_sync@127.0.0.1:9/seats",
+            "POLAR_ACCESS_TOKEN": "t",
+            "REDIS_URL": "redis://127.0.0.1:9/0",
+        },
+        cwd=tmp_path,
+    )
+
+    assert ran.code == 1, ran.err
+    line = one_error_line(ran.err)
+    assert "connect" in line.lower() or "refused" in line.lower()
+
+
+async def test_a_read_setting_is_checked_by_the_settings_rules(tmp_path: Path) -> None:
+    ran = await seat_sync(
+        "status",
+        env={"DATABASE_URL": f"sqlite:///{tmp_path}/m.db", "POLAR_API_VERSION": "2019-01"},
+        cwd=tmp_path,
+    )
+
+    assert ran.code == 2
+    assert "POLAR_API_VERSION" in one_error_line(ran.err)
+
+
+async def test_status_of_an_idle_mirror_has_no_empty_figures(
+    database_url: str, tmp_path: Path
+) -> None:
+    ran = await seat_sync(
+        "status", env={"DATABASE_URL": database_url, "DATA_DIR": str(tmp_path)}, cwd=tmp_path
+    )
+
+    assert ran.code == 0, ran.err
+    assert "None" not in ran.out
+    assert "deliveries not yet processed: 0\n" in ran.out
+    assert "queue depth: unknown (no Redis reachable)" in ran.out
+
+
+# ---------------------------------------------------------------------- the read settings
+
+READ_FIELDS = (
+    "database_url",
+    "redis_url",
+    "data_dir",
+    "polar_api_url",
+    "polar_api_version",
+    "polar_requests_per_minute",
+    "polar_rate_window_seconds",
+)
+ENVIRONMENTS: list[dict[str, str]] = [
+    {},
+    {"DATABASE_URL": "  "},
+    {"DATABASE_URL": "postgres://u@h/db", "REDIS_URL": " redis://h:6379/2 "},
+    {"database_url": "sqlite:///x.db", "redis_url": ""},
+    {"DATABASE_URL": "mysql://h/db"},
+    {"REDIS_URL": "http://h"},
+    {"DATA_DIR": "/var/lib/seat-sync"},
+    {"POLAR_API_URL": "https://sandbox-api.polar.sh/"},
+    {"POLAR_API_URL": "http://127.0.0.1:8900"},
+    {"POLAR_API_URL": "http://api.example.com"},
+    {"POLAR_API_URL": "http://api.example.com", "POLAR_ALLOW_INSECURE_URL": "yes"},
+    {"POLAR_API_URL": "http://api.example.com", "POLAR_ALLOW_INSECURE_URL": "maybe"},
+    {"POLAR_API_URL": "ftp://x"},
+    {"POLAR_API_VERSION": "2026-04"},
+    {"POLAR_API_VERSION": " 2026-10 "},
+    {"POLAR_API_VERSION": "2027-01"},
+    {"POLAR_REQUESTS_PER_MINUTE": "250"},
+    {"POLAR_REQUESTS_PER_MINUTE": " 250 "},
+    {"POLAR_REQUESTS_PER_MINUTE": "0"},
+    {"POLAR_REQUESTS_PER_MINUTE": "lots"},
+    {"POLAR_RATE_WINDOW_SECONDS": "0.5"},
+    {"POLAR_RATE_WINDOW_SECONDS": "1e1"},
+    {"POLAR_RATE_WINDOW_SECONDS": "-1"},
+]
+
+
+@pytest.mark.parametrize("values", ENVIRONMENTS, ids=lambda v: ",".join(v) or "defaults")
+def test_read_settings_agree_with_the_settings_class(
+    values: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The read commands' light reader takes what `Settings` takes, with the same values,
+    and refuses what it refuses with its message."""
+    from tests.support.commands import forget_own_variables
+    from worker.config import ConfigError, load_settings
+    from worker.query.environment import read_settings
+
+    forget_own_variables(monkeypatch)
+    for name in ("DATA_DIR", "POLAR_ALLOW_INSECURE_URL", "POLAR_RATE_WINDOW_SECONDS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    try:
+        full = load_settings()
+    except ConfigError as refused:
+        message = str(refused)
+    else:
+        light = read_settings()
+        assert {f: getattr(light, f) for f in READ_FIELDS} == {
+            f: getattr(full, f) for f in READ_FIELDS
+        }
+        return
+    with pytest.raises(ConfigError) as light_refused:
+        read_settings()
+    assert str(light_refused.value) == message
+
+
+def test_read_settings_defaults_are_the_settings_defaults() -> None:
+    from worker import config
+    from worker.query import environment
+
+    fields = config.Settings.model_fields
+    assert environment.POLAR_API_VERSIONS == config.POLAR_API_VERSIONS
+    assert environment.DEFAULT_SQLITE_FILE == config.DEFAULT_SQLITE_FILE
+    for name, default in environment.DEFAULTS.items():
+        assert str(fields[name].default) == default or fields[name].default == float(default)

@@ -7,7 +7,7 @@ import json
 from sqlalchemy import update
 from sqlmodel import col
 
-from tests.test_cli import env_for, seat_sync
+from tests.support.commands import env_for, seat_sync
 from worker.models import Seat
 from worker.platform.db import create_engine, session_factory, transaction
 from worker.simulator.server import SimulatedPolar

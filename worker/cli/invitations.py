@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.table import Table
 
-from worker.cli.environment import settings_from_env
+from worker.cli.environment import run_async, settings_from_env
 from worker.cli.errors import UsageError
-from worker.cli.output import cell, out, say
+from worker.cli.output import cell, print_table, say
 
 if TYPE_CHECKING:
     from worker.schedule.invitations import Planned, RunReport
@@ -20,15 +18,19 @@ commands = typer.Typer()
 
 
 def print_plan(title: str, planned: Sequence[Planned]) -> None:
-    table = Table("seat", "scope", "recipient", "invitation expires", title=title)
-    for item in planned:
-        table.add_row(
-            cell(item.seat_id),
-            cell(f"{item.scope_kind} {item.scope_id}"),
-            cell(item.recipient),
-            cell(item.expires_at),
-        )
-    out.print(table)
+    print_table(
+        ("seat", "scope", "recipient", "invitation expires"),
+        (
+            (
+                cell(item.seat_id),
+                cell(f"{item.scope_kind} {item.scope_id}"),
+                cell(item.recipient),
+                cell(item.expires_at),
+            )
+            for item in planned
+        ),
+        title=title,
+    )
 
 
 def print_report(report: RunReport, *, title: str, dry_run: bool) -> None:
@@ -46,7 +48,7 @@ def remind(
     settings.require_token()
     from worker.process.oneshot import remind as remind_now
 
-    report = asyncio.run(remind_now(settings, dry_run=dry_run))
+    report = run_async(remind_now(settings, dry_run=dry_run))
     verb = "would remind" if dry_run else "reminders"
     print_report(report, title=f"{len(report.planned)} invitations {verb}", dry_run=dry_run)
 
@@ -62,6 +64,6 @@ def renew(
         raise UsageError("renewal is off: set RENEW_EXPIRED_INVITATIONS=true (or use --dry-run)")
     from worker.process.oneshot import renew as renew_now
 
-    report = asyncio.run(renew_now(settings, dry_run=dry_run))
+    report = run_async(renew_now(settings, dry_run=dry_run))
     verb = "would renew" if dry_run else "renewals"
     print_report(report, title=f"{len(report.planned)} expired invitations {verb}", dry_run=dry_run)

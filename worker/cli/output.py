@@ -1,5 +1,9 @@
-"""How commands print: the one `--format` option, and rows as a table for people or JSON,
-NL-JSON or CSV for scripts (every key, unlike the table)."""
+"""How commands print: the `--format` and `--columns` options, and rows as a plain table for
+people (never truncated) or JSON, NL-JSON or CSV for scripts (every key, unlike the table).
+
+Plain text written to stdout, no terminal library: a read command loads nothing it does not
+need. Commands that draw progress bars ask `console()` for rich's, loaded then.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +11,16 @@ import csv
 import enum
 import json
 import sys
-from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
-from typing import Annotated, Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
-out = Console()
-err = Console(stderr=True)
+from worker.cli.errors import UsageError
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 class OutputFormat(enum.StrEnum):
@@ -35,34 +38,109 @@ def _format_option(help_text: str) -> Any:
 Format = Annotated[OutputFormat, _format_option("table, json, csv or ndjson.")]
 # A command that prints one document (a seat, the status): a table, or else JSON.
 DocumentFormat = Annotated[OutputFormat, _format_option("table or json.")]
+# `columns: Columns = None`: the table's columns, instead of the command's default ones.
+Columns = Annotated[
+    str | None,
+    typer.Option(
+        "--columns",
+        help="Table columns, comma-separated: any JSON key (member_* for the member's), or "
+        "seat, scope, email, claimed, expires, holder. JSON, NDJSON and CSV keep every key.",
+    ),
+]
 
 # The nested `member` object flattened into CSV columns, as the seat table stores it.
 _MEMBER_KEYS = ("created_at", "modified_at", "customer_id", "email", "name", "external_id", "role")
+SHORT_ID = 8
+
+_rich: dict[bool, Console] = {}
+
+
+def console(*, stderr: bool = False) -> Console:
+    """rich's console, for the commands that draw progress or the demo (loaded on demand)."""
+    if stderr not in _rich:
+        from rich.console import Console
+
+        _rich[stderr] = Console(stderr=stderr)
+    return _rich[stderr]
 
 
 def say(text: str) -> None:
-    """One line of plain text on stdout (no markup, no highlighting: data is printed as is)."""
-    out.print(text, markup=False, highlight=False)
+    """Lines of plain text on stdout (data is printed as is)."""
+    sys.stdout.write(text + "\n")
 
 
 def warn(text: str) -> None:
     """One line for the person at the terminal, on stderr (stdout stays parseable)."""
-    err.print(text, markup=False, highlight=False)
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
 
 
-def cell(value: Any) -> Text:
-    """A value as a table cell, literally (a bracket in the data is not markup): empty for
-    None, UTC seconds for times, sorted JSON for dicts."""
+# ---------------------------------------------------------------------- cells
+
+
+def _minutes(value: Any) -> str:
+    text = cell(value)
+    return text[:16]
+
+
+def cell(value: Any) -> str:
+    """A value as a table cell: empty for None, UTC to the second for times (given as
+    datetimes or ISO text), sorted JSON for dicts, one line always."""
     if value is None:
-        return Text("")
+        return ""
     if isinstance(value, datetime):
-        return Text(value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"))
-    if isinstance(value, dict):
-        return Text(json.dumps(value, sort_keys=True))
-    return Text(str(value))
+        return value.strftime("%Y-%m-%d %H:%M:%S")
+    if isinstance(value, dict | list):
+        return json.dumps(value, sort_keys=True)
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    text = str(value)
+    if len(text) >= 19 and text[4] == "-" and text[10] == "T" and text[13] == ":":
+        return text[:10] + " " + text[11:19]  # an ISO timestamp, in UTC
+    return " ".join(text.split()) if "\n" in text else text
 
 
-def _flatten(row: dict[str, Any]) -> dict[str, Any]:
+def _short(value: Any) -> str:
+    return "" if value is None else str(value)[:SHORT_ID]
+
+
+def _arrow(old: Any, new: Any) -> str:
+    return f"{old or '-'} -> {new or '-'}"
+
+
+def _scope(row: Mapping[str, Any]) -> str | None:
+    if row.get("scope_id") is not None:
+        kind = "sub" if row.get("scope_kind") == "subscription" else row.get("scope_kind") or ""
+        return f"{kind} {_short(row['scope_id'])}".strip()
+    if row.get("subscription_id") is not None:
+        return f"sub {_short(row['subscription_id'])}"
+    if row.get("order_id") is not None:
+        return f"order {_short(row['order_id'])}"
+    return None
+
+
+# Table-only columns worked out from a row; None when the row has nothing to show there.
+DERIVED: dict[str, Callable[[Mapping[str, Any]], str | None]] = {
+    "seat": lambda r: _short(r.get("seat_id", r.get("id"))),
+    "scope": _scope,
+    # The seat's address: `email`, or `customer_email` without Polar's member model.
+    "email": lambda r: (
+        cell(r.get("email") or r.get("customer_email")) if "customer_email" in r else None
+    ),
+    "claimed": lambda r: _minutes(r["claimed_at"]) if "claimed_at" in r else None,
+    # Only a pending invitation expires; Polar keeps the date after a claim or revoke.
+    "expires": lambda r: (
+        (_minutes(r["invitation_token_expires_at"]) if r.get("status") == "pending" else "")
+        if "invitation_token_expires_at" in r
+        else None
+    ),
+    "status": lambda r: _arrow(r["old_status"], r["new_status"]) if "old_status" in r else None,
+    "holder": lambda r: _arrow(r["old_email"], r["new_email"]) if "old_email" in r else None,
+}
+
+
+def flatten(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A row with the nested member as member_* keys and other objects as JSON text."""
     flat: dict[str, Any] = {}
     for key, value in row.items():
         if key == "member":
@@ -75,27 +153,119 @@ def _flatten(row: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
+def table_cell(row: Mapping[str, Any], column: str) -> str:
+    derive = DERIVED.get(column)
+    if derive is not None:
+        value = derive(row)
+        if value is not None:
+            return value
+    return cell(flatten(row).get(column) if column.startswith("member_") else row.get(column))
+
+
+def chosen_columns(given: str | None, default: Sequence[str]) -> tuple[str, ...]:
+    """The table's columns: `--columns a,b,c`, or the command's default."""
+    if given is None:
+        return tuple(default)
+    picked = tuple(c.strip() for c in given.split(",") if c.strip())
+    if not picked:
+        raise UsageError("--columns needs at least one column name")
+    return picked
+
+
+def check_columns(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
+    if not rows:
+        return
+    known = set(flatten(rows[0])) | set(rows[0]) | set(DERIVED)
+    unknown = [c for c in columns if c not in known]
+    if unknown:
+        raise UsageError(
+            f"no column {', '.join(unknown)}; columns: {', '.join(sorted(known - {'member'}))}"
+        )
+
+
+def table_lines(headers: Sequence[str], cells: Iterable[Sequence[str]]) -> list[str]:
+    """A plain table: columns as wide as their widest cell, two spaces apart, nothing cut."""
+    body = [list(r) for r in cells]
+    widths = [max([len(h), *(len(r[i]) for r in body)]) for i, h in enumerate(headers)]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.ljust(w) for v, w in zip(values, widths, strict=True)).rstrip()
+
+    return [line(headers), line(["-" * w for w in widths]), *(line(r) for r in body)]
+
+
+def print_table(
+    headers: Sequence[str], cells: Iterable[Sequence[str]], *, title: str | None = None
+) -> None:
+    lines = table_lines(headers, cells)
+    sys.stdout.write("\n".join(([title] if title else []) + lines) + "\n")
+
+
 def emit_rows(
     rows: list[dict[str, Any]], fmt: OutputFormat, *, columns: Sequence[str], title: str
 ) -> None:
-    """Rows as a table of `columns` on a terminal; JSON (a list), NL-JSON or CSV for scripts."""
+    """Rows as a table of `columns` for people; JSON (a list), NL-JSON or CSV for scripts."""
     if fmt is OutputFormat.json:
         sys.stdout.write(json.dumps(rows, indent=2, default=str) + "\n")
     elif fmt is OutputFormat.ndjson:
-        for row in rows:
-            sys.stdout.write(json.dumps(row, default=str) + "\n")
+        sys.stdout.writelines(json.dumps(row, default=str) + "\n" for row in rows)
     elif fmt is OutputFormat.csv:
-        flat = [_flatten(r) for r in rows]
+        flat = [flatten(r) for r in rows]
         fields: list[str] = list(flat[0].keys()) if flat else list(columns)
         writer = csv.DictWriter(sys.stdout, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for row in flat:
             writer.writerow({k: "" if v is None else v for k, v in row.items()})
     else:
-        table = Table(*columns, title=title)
-        for row in rows:
-            table.add_row(*(cell(row.get(c)) for c in columns))
-        out.print(table)
+        check_columns(rows, columns)
+        print_table(columns, ([table_cell(r, c) for c in columns] for r in rows), title=title)
+
+
+class RowStream:
+    """Rows printed as they come (`changes --follow`): a table whose columns widen as
+    needed, NL-JSON, CSV with one header, or a JSON list closed by `close()`."""
+
+    def __init__(self, fmt: OutputFormat, columns: Sequence[str], keys: Sequence[str]) -> None:
+        self.fmt = fmt
+        self.columns = list(columns)
+        self.widths = [max(len(c), SHORT_ID) for c in columns]
+        self.keys = list(keys)
+        self.count = 0
+        self._csv = csv.DictWriter(sys.stdout, fieldnames=self.keys, extrasaction="ignore")
+
+    def start(self) -> None:
+        if self.fmt is OutputFormat.table:
+            self._line(self.columns)
+        elif self.fmt is OutputFormat.csv:
+            self._csv.writeheader()
+        elif self.fmt is OutputFormat.json:
+            sys.stdout.write("[")
+        sys.stdout.flush()
+
+    def _line(self, values: Sequence[str]) -> None:
+        self.widths = [max(w, len(v)) for w, v in zip(self.widths, values, strict=True)]
+        sys.stdout.write(
+            "  ".join(v.ljust(w) for v, w in zip(values, self.widths, strict=True)).rstrip() + "\n"
+        )
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        if self.fmt is OutputFormat.table:
+            self._line([table_cell(row, c) for c in self.columns])
+        elif self.fmt is OutputFormat.csv:
+            self._csv.writerow({k: "" if v is None else v for k, v in row.items()})
+        elif self.fmt is OutputFormat.json:
+            sys.stdout.write(("," if self.count else "") + "\n" + json.dumps(dict(row), indent=2))
+        else:
+            sys.stdout.write(json.dumps(dict(row)) + "\n")
+        self.count += 1
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+
+    def close(self) -> None:
+        if self.fmt is OutputFormat.json:
+            sys.stdout.write("\n]\n" if self.count else "]\n")
+        sys.stdout.flush()
 
 
 def emit_document(

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from worker.cli.environment import settings_from_env
+from worker.cli.environment import run_async, settings_from_env
 from worker.cli.errors import CommandError, UsageError
-from worker.cli.output import out
-from worker.platform import logs
+from worker.cli.output import console
 
 commands = typer.Typer()
 
@@ -40,7 +38,7 @@ def run(
     settings.require_webhook_secret()
     from worker.process.run import Listen, run_worker
 
-    asyncio.run(run_worker(settings, web=Listen(host, port or default_port())))
+    run_async(run_worker(settings, web=Listen(host, port or default_port())))
 
 
 @commands.command()
@@ -50,7 +48,7 @@ def worker() -> None:
     settings.require_token()
     from worker.process.run import run_worker
 
-    asyncio.run(run_worker(settings))
+    run_async(run_worker(settings))
 
 
 @commands.command()
@@ -63,7 +61,7 @@ def web(
     settings.require_webhook_secret()
     from worker.process.run import Listen, run_web
 
-    asyncio.run(run_web(settings, listen=Listen(host, port or default_port())))
+    run_async(run_web(settings, listen=Listen(host, port or default_port())))
 
 
 @commands.command()
@@ -98,6 +96,7 @@ def simulator(
     orders: Annotated[int, typer.Option(help="Seat-based orders to create.")] = 0,
 ) -> None:
     """Run the simulated Polar API (loopback only) for demos, tests and benchmarks."""
+    from worker.platform import logs
     from worker.simulator.server import run_simulator
 
     logs.configure(log_format="auto")
@@ -125,8 +124,9 @@ def demo(
     ] = ".seat-sync-demo",
 ) -> None:
     """Show the whole pipeline on the embedded defaults against the simulated Polar."""
+    from worker.platform import logs
     from worker.process.demo import run_demo
 
     logs.configure(log_format="console", level="WARNING")
-    if not asyncio.run(run_demo(Path(data_dir), out)):
+    if not run_async(run_demo(Path(data_dir), console())):
         raise CommandError("the mirror did not converge; see the lines marked ✗ above")

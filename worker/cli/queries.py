@@ -1,54 +1,41 @@
-"""The questions people ask the mirror: `seats`, `seat`, `scopes`, `history` and `status`.
+"""The questions people ask the mirror: `seats`, `seat`, `scopes`, `history`, `status`, and
+the `changes` feed.
 
 Each command parses its options, asks one function of `worker.query`, and prints; the
-mirror is opened read-only.
+mirror is opened read-only. These commands load only what a read needs (see
+`worker.query.environment` and `worker.query.mirror`): they answer in tens of milliseconds.
 """
 
 from __future__ import annotations
 
-import asyncio
+import signal
+import time
 from datetime import timedelta
+from types import FrameType
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
-from worker.cli.environment import settings_from_env
 from worker.cli.errors import CommandError, UsageError
 from worker.cli.output import (
+    Columns,
     DocumentFormat,
     Format,
     OutputFormat,
+    RowStream,
     cell,
+    chosen_columns,
     emit_document,
     emit_rows,
-    out,
+    print_table,
+    say,
 )
 
 commands = typer.Typer()
 
-SEAT_COLUMNS = (
-    "id",
-    "status",
-    "email",
-    "subscription_id",
-    "order_id",
-    "member_id",
-    "invitation_token_expires_at",
-    "claimed_at",
-    "revoked_at",
-)
-CHANGE_COLUMNS = (
-    "observed_at",
-    "seat_id",
-    "change",
-    "old_status",
-    "new_status",
-    "old_email",
-    "new_email",
-    "scope_kind",
-    "scope_id",
-)
+# What a person reads first; --columns picks others, JSON/NDJSON/CSV carry every key.
+SEAT_COLUMNS = ("email", "status", "scope", "claimed", "expires", "seat")
+CHANGE_COLUMNS = ("id", "observed_at", "seat", "change", "status", "holder")
 SCOPE_COLUMNS = (
     "kind",
     "scope_id",
@@ -59,8 +46,8 @@ SCOPE_COLUMNS = (
     "last_synced_at",
     "last_error",
 )
-LOST_COLUMNS = ("lost_at", "email", "was", "now", "seat_id", "scope_id", "replaced_by")
-HELD_COLUMNS = ("seat_id", "scope_kind", "scope_id", "started_at", "ended_at", "status")
+LOST_COLUMNS = ("lost_at", "email", "was", "now", "seat", "scope", "replaced_by")
+HELD_COLUMNS = ("seat", "scope", "started_at", "ended_at", "status")
 SEAT_STATUSES = ("pending", "claimed", "revoked")
 
 
@@ -76,6 +63,13 @@ def parse_duration(text: str) -> timedelta:
         raise UsageError(f"not a duration: {text!r} (use e.g. 6h, 90m, 7d)") from None
 
 
+def read_settings() -> Any:
+    """The few settings a read needs (a bad one: ConfigError naming it, exit 2)."""
+    from worker.query.environment import read_settings as light
+
+    return light()
+
+
 @commands.command()
 def seats(
     subscription: Annotated[str | None, typer.Option("--subscription")] = None,
@@ -83,7 +77,14 @@ def seats(
     status: Annotated[
         str | None, typer.Option("--status", help="pending, claimed or revoked.")
     ] = None,
-    email: Annotated[str | None, typer.Option("--email", help="Case-insensitive.")] = None,
+    email: Annotated[
+        str | None,
+        typer.Option(
+            "--email",
+            help="The seat's address, case-insensitive (email, or customer_email without "
+            "the member model).",
+        ),
+    ] = None,
     member: Annotated[str | None, typer.Option("--member", help="Member id.")] = None,
     customer: Annotated[str | None, typer.Option("--customer", help="Customer id.")] = None,
     expiring_within: Annotated[
@@ -97,12 +98,14 @@ def seats(
         bool, typer.Option("--include-gone", help="Also seats Polar no longer lists.")
     ] = False,
     fmt: Format = OutputFormat.table,
+    columns: Columns = None,
 ) -> None:
     """List mirrored seats (JSON: every CustomerSeat key)."""
     from worker.query.seats import SeatFilter, find_seats
 
     if status is not None and status not in SEAT_STATUSES:
         raise UsageError("--status must be pending, claimed or revoked")
+    shown = chosen_columns(columns, SEAT_COLUMNS)
     wanted = SeatFilter(
         subscription_id=subscription,
         order_id=order,
@@ -114,39 +117,47 @@ def seats(
         expired=expired,
         include_gone=include_gone,
     )
-    rows = asyncio.run(find_seats(settings_from_env(), wanted))
-    emit_rows(rows, fmt, columns=SEAT_COLUMNS, title=f"{len(rows)} seats")
+    rows = find_seats(read_settings(), wanted)
+    emit_rows(rows, fmt, columns=shown, title=f"{len(rows)} seats")
 
 
 @commands.command("seat")
 def seat(
-    seat_id: Annotated[str, typer.Argument(help="The seat id.")],
+    seat_id: Annotated[
+        str, typer.Argument(help="The seat id, or its first characters (as `seats` shows).")
+    ],
     fmt: DocumentFormat = OutputFormat.table,
 ) -> None:
     """One seat with its full change history."""
-    from worker.query.seats import seat_detail
+    from worker.query.seats import AmbiguousSeatError, seat_detail
 
-    found = asyncio.run(seat_detail(settings_from_env(), seat_id))
+    try:
+        found = seat_detail(read_settings(), seat_id)
+    except AmbiguousSeatError as exc:
+        raise UsageError(str(exc)) from None
     if found is None:
         raise CommandError(f"no seat {seat_id} in the mirror")
 
     def as_table() -> None:
-        detail = Table("key", "value", title=f"seat {seat_id}")
-        for key, value in found.seat.items():
-            detail.add_row(key, cell(value))
-        out.print(detail)
+        print_table(
+            ("key", "value"),
+            ((key, cell(value)) for key, value in found.seat.items()),
+            title=f"seat {found.seat['id']}",
+        )
+        say("")
         emit_rows(found.history, OutputFormat.table, columns=CHANGE_COLUMNS, title="history")
 
     emit_document({"seat": found.seat, "history": found.history}, fmt, as_table=as_table)
 
 
 @commands.command()
-def scopes(fmt: Format = OutputFormat.table) -> None:
+def scopes(fmt: Format = OutputFormat.table, columns: Columns = None) -> None:
     """Every mirrored subscription and order: seats, pending, claimed, last sync, last error."""
     from worker.query.scopes import list_scopes
 
-    rows = asyncio.run(list_scopes(settings_from_env()))
-    emit_rows(rows, fmt, columns=SCOPE_COLUMNS, title=f"{len(rows)} scopes")
+    shown = chosen_columns(columns, SCOPE_COLUMNS)
+    rows = list_scopes(read_settings())
+    emit_rows(rows, fmt, columns=shown, title=f"{len(rows)} scopes")
 
 
 @commands.command()
@@ -161,6 +172,7 @@ def history(
         str | None, typer.Option("--since", help="Only changes within e.g. 7d.")
     ] = None,
     fmt: Format = OutputFormat.table,
+    columns: Columns = None,
 ) -> None:
     """Seat history from seat_change: a person's seats (--email) or who lost access (--lost)."""
     from worker.query.history import lost_access, seats_held
@@ -168,65 +180,71 @@ def history(
     if email is None and not lost:
         raise UsageError("give --email E, or --lost (with --since 7d for this week)")
     within = parse_duration(since) if since is not None else None
-    settings = settings_from_env()
+    settings = read_settings()
     if lost:
-        rows = asyncio.run(lost_access(settings, within=within))
-        emit_rows(rows, fmt, columns=LOST_COLUMNS, title=f"{len(rows)} lost access")
+        rows = lost_access(settings, within=within)
+        shown = chosen_columns(columns, LOST_COLUMNS)
+        emit_rows(rows, fmt, columns=shown, title=f"{len(rows)} lost access")
     else:
         assert email is not None
-        rows = asyncio.run(seats_held(settings, email, within=within))
-        emit_rows(rows, fmt, columns=HELD_COLUMNS, title=f"seats held by {email}")
+        rows = seats_held(settings, email, within=within)
+        shown = chosen_columns(columns, HELD_COLUMNS)
+        emit_rows(rows, fmt, columns=shown, title=f"seats held by {email}")
 
 
 def print_status(report: dict[str, Any]) -> None:
     """The status report for a person: problems first, then the tables, then the figures."""
     problem = report["polar"]["problem"]
     if problem:
-        out.print(problem, style="bold red", markup=False, highlight=False, soft_wrap=True)
-    passes = Table(
-        "pass",
-        "started",
-        "finished",
-        "status",
-        "scopes",
-        "API calls",
-        "changed",
-        "errors",
-        title="Full resyncs",
-    )
-    for p in report["full_resyncs"]:
-        passes.add_row(
-            cell(p["id"]),
-            cell(p["started_at"][:19]),
-            cell((p["finished_at"] or "running")[:19]),
-            cell(p["status"]),
-            cell(p["scopes"]),
-            cell(p["api_calls"]),
-            cell(p["seats_changed"]),
-            cell(p["errors"]),
-        )
-    out.print(passes)
-    if report["failing_scopes"]:
-        failing = Table("scope", "failures", "last error", title="Failing scopes")
-        for f in report["failing_scopes"]:
-            failing.add_row(
-                cell(f"{f['kind']} {f['scope_id']}"),
-                cell(f["consecutive_failures"]),
-                cell(f["last_error"]),
+        say(problem)
+        say("")
+    print_table(
+        ("pass", "started", "finished", "status", "scopes", "API calls", "changed", "errors"),
+        (
+            (
+                cell(p["id"]),
+                cell(p["started_at"]),
+                cell(p["finished_at"]) or "running",
+                cell(p["status"]),
+                cell(p["scopes"]),
+                cell(p["api_calls"]),
+                cell(p["seats_changed"]),
+                cell(p["errors"]),
             )
-        out.print(failing)
+            for p in report["full_resyncs"]
+        ),
+        title="Full resyncs" if report["full_resyncs"] else "Full resyncs: none yet",
+    )
+    if report["failing_scopes"]:
+        say("")
+        print_table(
+            ("scope", "failures", "last error"),
+            (
+                (
+                    f"{f['kind']} {f['scope_id']}",
+                    cell(f["consecutive_failures"]),
+                    cell(f["last_error"]),
+                )
+                for f in report["failing_scopes"]
+            ),
+            title="Failing scopes",
+        )
+    pending = report["deliveries_pending"]
+    oldest = report["oldest_pending_delivery_age_s"]
+    backlog = f"{pending} (oldest {oldest:g} s ago)" if pending and oldest is not None else "0"
     budget = report["rate_budget"]
     depth = report["queue_depth"]
     used = f"{budget['used']}/{budget['limit']} in the last window" if budget else "unknown"
-    out.print(
-        f"deliveries not yet processed: {report['deliveries_pending']} "
-        f"(oldest {report['oldest_pending_delivery_age_s']} s)\n"
-        f"queue depth: {depth if depth is not None else 'Redis not reachable'}\n"
+    say(
+        f"\ndeliveries not yet processed: {backlog}\n"
+        f"queue depth: {depth if depth is not None else 'unknown (no Redis reachable)'}\n"
         f"rate budget: {used}\n"
-        f"reminders: {report['reminders'] or 'none'}; renewals: {report['renewals'] or 'none'}",
-        markup=False,
-        highlight=False,
+        f"reminders: {_tally(report['reminders'])}; renewals: {_tally(report['renewals'])}"
     )
+
+
+def _tally(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {what}" for what, n in sorted(counts.items())) or "none"
 
 
 @commands.command()
@@ -234,5 +252,61 @@ def status(fmt: DocumentFormat = OutputFormat.table) -> None:
     """Last full resyncs, failing scopes, unprocessed deliveries, queue and rate budget."""
     from worker.query.status import status_report
 
-    report = asyncio.run(status_report(settings_from_env()))
+    report = status_report(read_settings())
     emit_document(report, fmt, as_table=lambda: print_status(report))
+
+
+class _StopFollowingError(Exception):
+    """SIGINT or SIGTERM while following the feed: finish the output and exit 0."""
+
+
+def _stop(signum: int, frame: FrameType | None) -> None:
+    raise _StopFollowingError
+
+
+@commands.command()
+def changes(
+    after: Annotated[
+        int,
+        typer.Option("--after", help="Only rows whose id is above this (the last id you handled)."),
+    ] = 0,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new rows until interrupted.")
+    ] = False,
+    limit: Annotated[
+        int | None, typer.Option("--limit", min=1, help="At most this many rows.")
+    ] = None,
+    interval: Annotated[
+        float, typer.Option("--interval", min=0.05, help="With --follow: seconds between polls.")
+    ] = 1.0,
+    fmt: Format = OutputFormat.table,
+    columns: Columns = None,
+) -> None:
+    """The change feed: seat_change rows in id order, each with its id (the cursor to pass
+    to --after next time). No row is ever skipped or repeated."""
+    from worker.query.changes import feed
+    from worker.query.seats import CHANGE_KEYS
+
+    shown = chosen_columns(columns, CHANGE_COLUMNS)
+    settings = read_settings()
+    stream = RowStream(fmt, shown, CHANGE_KEYS)
+    # Interrupting --follow is how it ends: stop between rows, close the output, exit 0.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _stop)
+
+    def wait() -> None:
+        stream.flush()
+        time.sleep(interval)
+
+    rows = feed(settings, after, follow=follow, limit=limit, wait=wait)
+    stream.start()
+    try:
+        for row in rows:
+            stream.write(row)
+            if follow:
+                stream.flush()
+    except _StopFollowingError:
+        pass
+    finally:
+        rows.close()
+    stream.close()

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.table import Table
 
-from worker.cli.environment import settings_from_env
+from worker.cli.environment import run_async, settings_from_env
 from worker.cli.errors import EXIT_DRIFT, EXIT_ERROR, CommandError, UsageError
-from worker.cli.output import cell, err, out, say, warn
-from worker.polar.errors import PolarError, RateLimitedError
+from worker.cli.output import cell, console, print_table, say, warn
 
 if TYPE_CHECKING:
+    from worker.polar.errors import PolarError
     from worker.sync.reconcile import SeatDiff
     from worker.sync.verify import ScopeReport
 
@@ -23,6 +21,8 @@ commands = typer.Typer()
 
 def announce_retry(error: PolarError, attempt: int, delay: float) -> None:
     """Tell the person at the terminal what a retried Polar call is waiting for."""
+    from worker.polar.errors import RateLimitedError
+
     if isinstance(error, RateLimitedError):
         warn(f"rate limited by Polar; waiting {delay:.1f}s")
     else:
@@ -33,15 +33,18 @@ def print_changes(changes: Sequence[SeatDiff]) -> None:
     if not changes:
         say("no changes")
         return
-    table = Table("seat", "change", "status", "holder")
-    for c in changes:
-        table.add_row(
-            cell(c.seat_id),
-            cell(c.change),
-            cell(f"{c.old_status or '-'} -> {c.new_status or '-'}"),
-            cell(f"{c.old_email or '-'} -> {c.new_email or '-'}"),
-        )
-    out.print(table)
+    print_table(
+        ("seat", "change", "status", "holder"),
+        (
+            (
+                cell(c.seat_id),
+                cell(c.change),
+                f"{c.old_status or '-'} -> {c.new_status or '-'}",
+                f"{c.old_email or '-'} -> {c.new_email or '-'}",
+            )
+            for c in changes
+        ),
+    )
 
 
 def _resync_one(kind: str, scope_id: str) -> None:
@@ -49,7 +52,7 @@ def _resync_one(kind: str, scope_id: str) -> None:
 
     settings = settings_from_env()
     settings.require_token()
-    outcome = asyncio.run(resync_scope(settings, kind, scope_id, on_retry=announce_retry))
+    outcome = run_async(resync_scope(settings, kind, scope_id, on_retry=announce_retry))
     if outcome.status == "gone":
         raise CommandError(
             f"{kind} {scope_id} was not found in Polar (404); its seats stay in the mirror"
@@ -76,7 +79,7 @@ def _resync_all() -> None:
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        console=err,
+        console=console(stderr=True),
         transient=True,
     ) as bar:
         task = bar.add_task("full resync", total=None)
@@ -84,7 +87,7 @@ def _resync_all() -> None:
         def advance(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
 
-        summary = asyncio.run(resync_everything(settings, progress=advance))
+        summary = run_async(resync_everything(settings, progress=advance))
     say(
         f"full resync {'(resumed) ' if summary.resumed else ''}#{summary.run_id}: "
         f"{summary.scopes} scopes, {summary.synced} synced, {summary.skipped} skipped "
@@ -144,7 +147,7 @@ def verify(
     settings.require_token()
     from worker.process.oneshot import verify_scopes
 
-    summary = asyncio.run(
+    summary = run_async(
         verify_scopes(
             settings, chosen, repair=repair, on_report=print_report, on_retry=announce_retry
         )

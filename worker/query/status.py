@@ -4,67 +4,41 @@ what to check when Polar's answers say the configuration is wrong."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from datetime import datetime
+from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncSession
-from sqlmodel import col
-
-from worker.config import Settings
-from worker.models import InvitationReminder, InvitationRenewal, SeatScope, SyncRun, utcnow
 from worker.polar.errors import CHECK_CONFIGURATION
-from worker.query.inbox import pending_deliveries
-from worker.query.mirror import reading, running_redis_url
+from worker.query.environment import MirrorConfig
+from worker.query.mirror import Mirror, as_datetime, iso, like_escaped, open_mirror
 
 RECENT_PASSES = 5
 FAILING_SHOWN = 20
 
-
-async def _recent_passes(session: AsyncSession) -> Sequence[SyncRun]:
-    """The last full resyncs, newest first."""
-    query = (
-        select(SyncRun)
-        .where(col(SyncRun.kind) == "full")
-        .order_by(col(SyncRun.id).desc())
-        .limit(RECENT_PASSES)
-    )
-    return (await session.execute(query)).scalars().all()
-
-
-async def _failing_scopes(session: AsyncSession) -> Sequence[SeatScope]:
-    """Scopes whose last syncs failed, most failures first."""
-    query = (
-        select(SeatScope)
-        .where(col(SeatScope.consecutive_failures) > 0)
-        .order_by(col(SeatScope.consecutive_failures).desc())
-        .limit(FAILING_SHOWN)
-    )
-    return (await session.execute(query)).scalars().all()
-
-
-async def _misconfigured_scopes(session: AsyncSession) -> int:
-    """Failing scopes whose last error is Polar's answer to a wrong URL or API version."""
-    query = (
-        select(func.count())
-        .select_from(SeatScope)
-        .where(
-            col(SeatScope.consecutive_failures) > 0,
-            col(SeatScope.last_error).contains(CHECK_CONFIGURATION, autoescape=True),
-        )
-    )
-    return int((await session.execute(query)).scalar_one())
-
-
-async def _tally(session: AsyncSession, column: Any) -> dict[str, int]:
-    """Rows per value of `column` (reminder outcomes, renewal states)."""
-    rows = await session.execute(select(column, func.count()).group_by(column))
-    return {str(value): int(n) for value, n in rows.all()}
+PASSES_SQL = (
+    "SELECT id, started_at, finished_at, status, scopes_seen, api_calls, updated, errors, "
+    "error FROM sync_run WHERE kind = 'full' ORDER BY id DESC LIMIT :limit"
+)
+FAILING_SQL = (
+    "SELECT kind, scope_id, consecutive_failures, last_error FROM seat_scope "
+    "WHERE consecutive_failures > 0 "
+    "ORDER BY consecutive_failures DESC, kind, scope_id LIMIT :limit"
+)
+# Failing scopes whose last error is Polar's answer to a wrong URL or API version.
+MISCONFIGURED_SQL = (
+    "SELECT count(*) AS n FROM seat_scope WHERE consecutive_failures > 0 "
+    "AND last_error LIKE :needle ESCAPE '\\'"
+)
+PENDING_SQL = (
+    "SELECT count(*) AS n, min(received_at) AS oldest FROM webhook_delivery "
+    "WHERE processed_at IS NULL"
+)
+REMINDERS_SQL = "SELECT outcome AS value, count(*) AS n FROM invitation_reminder GROUP BY outcome"
+RENEWALS_SQL = "SELECT state AS value, count(*) AS n FROM invitation_renewal GROUP BY state"
 
 
 def configuration_problem(
-    settings: Settings, failing_scopes: int, last_pass: SyncRun | None
+    settings: MirrorConfig, failing_scopes: int, last_pass: Mapping[str, Any] | None
 ) -> str | None:
     """What to check when Polar answers 404 without an error code (failing scopes now, or
     the last full resync stopped by it)."""
@@ -75,10 +49,10 @@ def configuration_problem(
     )
     if (
         last_pass is not None
-        and last_pass.status == "failed"
-        and CHECK_CONFIGURATION in (last_pass.error or "")
+        and last_pass["status"] == "failed"
+        and CHECK_CONFIGURATION in (last_pass["error"] or "")
     ):
-        where.append(f"full resync #{last_pass.id} stopped")
+        where.append(f"full resync #{last_pass['id']} stopped")
     if not where:
         return None
     return (
@@ -87,26 +61,58 @@ def configuration_problem(
     )
 
 
-def _pass_json(run: SyncRun) -> dict[str, Any]:
+def _pass_json(run: Mapping[str, Any]) -> dict[str, Any]:
     return {
-        "id": run.id,
-        "started_at": run.started_at.isoformat(),
-        "finished_at": run.finished_at.isoformat() if run.finished_at else None,
-        "status": run.status,
-        "scopes": run.scopes_seen,
-        "api_calls": run.api_calls,
-        "seats_changed": run.updated,
-        "errors": run.errors,
+        "id": run["id"],
+        "started_at": iso(run["started_at"]),
+        "finished_at": iso(run["finished_at"]),
+        "status": run["status"],
+        "scopes": run["scopes_seen"],
+        "api_calls": run["api_calls"],
+        "seats_changed": run["updated"],
+        "errors": run["errors"],
     }
 
 
-def _age_s(now: datetime, then: datetime | None) -> float | None:
-    return round((now - then).total_seconds(), 1) if then is not None else None
+def _age_s(now: datetime, then: Any) -> float | None:
+    moment = as_datetime(then)
+    return round((now - moment).total_seconds(), 1) if moment is not None else None
 
 
-async def _redis_figures(settings: Settings) -> tuple[int | None, int | None]:
+def _tally(mirror: Mirror, sql: str) -> dict[str, int]:
+    return {str(row["value"]): int(row["n"]) for row in mirror.rows(sql)}
+
+
+def mirror_report(mirror: Mirror, settings: MirrorConfig) -> dict[str, Any]:
+    """The database part of the report."""
+    now = datetime.now(UTC)
+    passes = mirror.rows(PASSES_SQL, {"limit": RECENT_PASSES})
+    [misconfigured] = mirror.rows(
+        MISCONFIGURED_SQL, {"needle": f"%{like_escaped(CHECK_CONFIGURATION)}%"}
+    )
+    [pending] = mirror.rows(PENDING_SQL)
+    return {
+        "polar": {
+            "api_url": settings.polar_api_url,
+            "api_version": settings.polar_api_version,
+            "problem": configuration_problem(
+                settings, int(misconfigured["n"]), passes[0] if passes else None
+            ),
+        },
+        "full_resyncs": [_pass_json(p) for p in passes],
+        "failing_scopes": [dict(f) for f in mirror.rows(FAILING_SQL, {"limit": FAILING_SHOWN})],
+        "deliveries_pending": int(pending["n"]),
+        "oldest_pending_delivery_age_s": _age_s(now, pending["oldest"]),
+        "reminders": _tally(mirror, REMINDERS_SQL),
+        "renewals": _tally(mirror, RENEWALS_SQL),
+    }
+
+
+async def _redis_figures(settings: MirrorConfig) -> tuple[int | None, int | None]:
     """(jobs queued, Polar calls spent in the current rate window) from the fleet's Redis:
     REDIS_URL, or the private Redis when one is serving; (None, None) without one."""
+    from worker.query.mirror import running_redis_url
+
     redis_url = await running_redis_url(settings)
     if redis_url is None:
         return None, None
@@ -127,44 +133,30 @@ async def _redis_figures(settings: Settings) -> tuple[int | None, int | None]:
         await redis.aclose()
 
 
-async def status_report(settings: Settings) -> dict[str, Any]:
+def redis_figures(settings: MirrorConfig) -> tuple[int | None, int | None]:
+    if settings.redis_url is None and not socket_exists(settings):
+        return None, None  # no Redis to ask: no need to load a Redis client
+    import asyncio
+
+    return asyncio.run(_redis_figures(settings))
+
+
+def socket_exists(settings: MirrorConfig) -> bool:
+    from worker.query.mirror import socket_path
+
+    return socket_path(settings.data_dir).exists()
+
+
+def status_report(settings: MirrorConfig) -> dict[str, Any]:
     """The report `seat-sync status` prints (and its JSON): plain values only. Redis-only
     figures (queue depth, rate budget) are None when no Redis is reachable."""
-    now = utcnow()
-    async with reading(settings) as mirror, mirror.sessions() as session:
-        passes = await _recent_passes(session)
-        failing = await _failing_scopes(session)
-        misconfigured = await _misconfigured_scopes(session)
-        pending, oldest = await pending_deliveries(session)
-        reminders = await _tally(session, col(InvitationReminder.outcome))
-        renewals = await _tally(session, col(InvitationRenewal.state))
-    queue_depth, budget_used = await _redis_figures(settings)
-    return {
-        "polar": {
-            "api_url": settings.polar_api_url,
-            "api_version": settings.polar_api_version,
-            "problem": configuration_problem(
-                settings, misconfigured, passes[0] if passes else None
-            ),
-        },
-        "full_resyncs": [_pass_json(p) for p in passes],
-        "failing_scopes": [
-            {
-                "kind": f.kind,
-                "scope_id": f.scope_id,
-                "consecutive_failures": f.consecutive_failures,
-                "last_error": f.last_error,
-            }
-            for f in failing
-        ],
-        "deliveries_pending": pending,
-        "oldest_pending_delivery_age_s": _age_s(now, oldest),
-        "queue_depth": queue_depth,
-        "rate_budget": (
-            {"used": budget_used, "limit": settings.polar_requests_per_minute}
-            if budget_used is not None
-            else None
-        ),
-        "reminders": reminders,
-        "renewals": renewals,
-    }
+    with open_mirror(settings) as mirror:
+        report = mirror_report(mirror, settings)
+    queue_depth, budget_used = redis_figures(settings)
+    report["queue_depth"] = queue_depth
+    report["rate_budget"] = (
+        {"used": budget_used, "limit": settings.polar_requests_per_minute}
+        if budget_used is not None
+        else None
+    )
+    return report
