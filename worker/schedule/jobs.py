@@ -259,6 +259,18 @@ def build_worker(
             timeout=REMIND_TIMEOUT_S,
             max_tries=1,
         ),
+        # Daily retention (worker.schedule.retention), at a quiet minute; once per fleet.
+        cron(
+            "worker.schedule.retention.prune_job",
+            name="prune_mirror",
+            hour=3,
+            minute=17,
+            second=50,
+            unique=True,
+            keep_result=0,
+            timeout=3600,
+            max_tries=1,
+        ),
     ]
     return Worker(
         functions=functions(settings),
