@@ -74,6 +74,14 @@ async def main(args: argparse.Namespace) -> None:
     per = calls / args.scopes
     worst = max(per_scope.values())
     gaps = [b - a for times in acked_at.values() for a, b in itertools.pairwise(times)]
+    # When (s after the first send) each gap of one scope's webhooks >= the quiet period
+    # ended: a gap that long ends the scope's burst, and the next change starts another.
+    long_gaps = sorted(
+        (round(b - started, 2), round(b - a, 3))
+        for times in acked_at.values()
+        for a, b in itertools.pairwise(times)
+        if b - a >= line.window.quiet
+    )
     over_quiet = sum(1 for gap in gaps if gap >= window.quiet)
     spans = [times[-1] - times[0] for times in acked_at.values() if times]
     figures = [
@@ -116,6 +124,7 @@ async def main(args: argparse.Namespace) -> None:
             "list_calls": calls,
             "window": {"quiet_s": window.quiet, "max_wait_s": window.max_wait},
             "calls_per_scope_histogram": _histogram(per_scope.values()),
+            "gaps_over_quiet_at_s": long_gaps,
         },
     )
 
