@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from sqlalchemy import update
 from sqlmodel import col
 
-from tests.support.commands import env_for, seat_sync
+from tests.support.commands import SEAT_SYNC, Ran, env_for, environment, seat_sync
+from tests.support.settings import SIM_TOKEN
 from worker.models import Seat
 from worker.platform.db import create_engine, session_factory, transaction
+from worker.polar.schemas import CustomerSeat
 from worker.simulator.server import SimulatedPolar
 
 HOUR = 3600.0
@@ -118,3 +121,90 @@ async def test_verify_finds_drift_and_repairs_it(
     assert sim.log.count(path_prefix="/v1/customer-seats") == calls + 1
     clean = await seat_sync("verify", "--scope", f"subscription:{ids['sub']}", env=env)
     assert clean.code == 0 and "0 with drift" in clean.out
+
+
+# ---------------------------------------------------------------------- readable tables
+
+
+async def at_100_columns(*args: str, env: dict[str, str]) -> Ran:
+    """`seat-sync ARGS` on a terminal 100 columns wide."""
+    proc = await asyncio.create_subprocess_exec(
+        SEAT_SYNC,
+        *args,
+        env=environment(env, COLUMNS="100"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    assert proc.returncode is not None
+    return Ran(proc.returncode, out.decode(), err.decode())
+
+
+async def test_the_seats_table_shows_what_people_read_first_uncut(
+    sim: SimulatedPolar, database_url: str, redis_url: str
+) -> None:
+    env = env_for(database_url, sim, redis_url)
+    ids = await populate(sim, env)
+
+    ran = await at_100_columns("seats", "--subscription", ids["sub"], env=env)
+
+    assert ran.code == 0, ran.err
+    lines = ran.out.splitlines()
+    assert lines[1].split() == ["email", "status", "scope", "claimed", "expires", "seat"]
+    assert all(len(line) <= 100 for line in lines)
+    assert "…" not in ran.out
+    soon = next(line for line in lines if line.startswith("soon@example.com"))
+    assert soon.split()[1:3] == ["pending", "sub"] and ids["soon"][:8] in soon
+    assert {"later@example.com", "newcomer@example.com"} <= {line.split()[0] for line in lines}
+
+
+async def test_columns_picks_the_table_and_scripts_keep_every_key(
+    sim: SimulatedPolar, database_url: str, redis_url: str
+) -> None:
+    env = env_for(database_url, sim, redis_url)
+    ids = await populate(sim, env)
+    picked = ("--columns", "id,member_email,invitation_token_expires_at")
+
+    table = await seat_sync("seats", "--status", "pending", *picked, env=env)
+    as_json = await seat_sync("seats", "--status", "pending", *picked, "--format", "json", env=env)
+    as_csv = await seat_sync("seats", "--status", "pending", *picked, "--format", "csv", env=env)
+    unknown = await seat_sync("seats", "--columns", "id,nope", env=env)
+
+    assert table.out.splitlines()[1].split() == list(picked[1].split(","))
+    assert ids["soon"] in table.out  # the whole id, as asked
+    assert set(json.loads(as_json.out)[0]) == set(CustomerSeat.model_fields)
+    assert "customer_email" in as_csv.out.splitlines()[0].split(",")
+    assert unknown.code == 2 and "no column nope" in unknown.err
+
+
+async def test_seats_by_email_without_the_member_model(database_url: str, redis_url: str) -> None:
+    """Organisations without Polar's member model have no `email` on seats: the address is
+    `customer_email`; --email finds it, case-insensitively, and the table shows it."""
+    async with SimulatedPolar(token=SIM_TOKEN, seed=5, member_model=False) as sim:
+        sub = sim.state.create_subscription(seats=2, customer_email="billing@acme.example")
+        seat = sim.state.assign(subscription_id=sub["id"], email="Gus@Acme.example")
+        env = env_for(database_url, sim, redis_url)
+        assert (await seat_sync("resync", "--subscription", sub["id"], env=env)).code == 0
+
+        found = await seat_sync("seats", "--email", "gus@acme.EXAMPLE", "--format", "json", env=env)
+        table = await at_100_columns("seats", "--email", "GUS@acme.example", env=env)
+
+    [row] = json.loads(found.out)
+    assert (row["id"], row["email"], row["customer_email"]) == (
+        seat["id"],
+        None,
+        "Gus@Acme.example",
+    )
+    assert table.out.splitlines()[3].startswith("Gus@Acme.example")
+
+
+async def test_a_seat_by_the_short_id_the_table_shows(
+    sim: SimulatedPolar, database_url: str, redis_url: str
+) -> None:
+    env = env_for(database_url, sim, redis_url)
+    ids = await populate(sim, env)
+
+    ran = await seat_sync("seat", ids["leaver"][:8], "--format", "json", env=env)
+
+    assert ran.code == 0, ran.err
+    assert json.loads(ran.out)["seat"]["id"] == ids["leaver"]
