@@ -90,7 +90,7 @@ async def test_every_format_carries_the_cursor(
     [row] = json.loads(as_json.out)
     header, line = as_csv.out.strip().splitlines()
     assert set(header.split(",")) == FEED_KEYS and line.startswith(f"{row['id']},")
-    assert as_table.out.splitlines()[0].split()[:2] == ["id", "observed_at"]
+    assert as_table.out.splitlines()[1].split()[:2] == ["id", "observed_at"]
     assert str(row["id"]) in as_table.out and "cy@example.com" in as_table.out
 
 

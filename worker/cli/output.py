@@ -105,7 +105,8 @@ def _short(value: Any) -> str:
 
 
 def _arrow(old: Any, new: Any) -> str:
-    return f"{old or '-'} -> {new or '-'}"
+    """`old -> new`, or the one value when it did not change."""
+    return f"{old or '-'}" if old == new else f"{old or '-'} -> {new or '-'}"
 
 
 def _scope(row: Mapping[str, Any]) -> str | None:
@@ -221,6 +222,10 @@ def emit_rows(
         print_table(columns, ([table_cell(r, c) for c in columns] for r in rows), title=title)
 
 
+# Starting widths of the streamed table's columns: typical cells fit, so it rarely shifts.
+STREAM_WIDTHS = {"observed_at": 19, "status": 18, "change": 8, "holder": 40}
+
+
 class RowStream:
     """Rows printed as they come (`changes --follow`): a table whose columns widen as
     needed, NL-JSON, CSV with one header, or a JSON list closed by `close()`."""
@@ -228,7 +233,7 @@ class RowStream:
     def __init__(self, fmt: OutputFormat, columns: Sequence[str], keys: Sequence[str]) -> None:
         self.fmt = fmt
         self.columns = list(columns)
-        self.widths = [max(len(c), SHORT_ID) for c in columns]
+        self.widths = [max(len(c), STREAM_WIDTHS.get(c, SHORT_ID)) for c in columns]
         self.keys = list(keys)
         self.count = 0
         self._csv = csv.DictWriter(sys.stdout, fieldnames=self.keys, extrasaction="ignore")

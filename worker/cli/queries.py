@@ -289,6 +289,10 @@ def changes(
 
     shown = chosen_columns(columns, CHANGE_COLUMNS)
     settings = read_settings()
+    if not follow:
+        found = list(feed(settings, after, follow=False, limit=limit, wait=lambda: None))
+        emit_rows(found, fmt, columns=shown, title=f"{len(found)} changes after id {after}")
+        return
     stream = RowStream(fmt, shown, CHANGE_KEYS)
     # Interrupting --follow is how it ends: stop between rows, close the output, exit 0.
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -298,13 +302,12 @@ def changes(
         stream.flush()
         time.sleep(interval)
 
-    rows = feed(settings, after, follow=follow, limit=limit, wait=wait)
+    rows = feed(settings, after, follow=True, limit=limit, wait=wait)
     stream.start()
     try:
         for row in rows:
             stream.write(row)
-            if follow:
-                stream.flush()
+            stream.flush()
     except _StopFollowingError:
         pass
     finally:
