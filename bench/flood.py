@@ -354,6 +354,8 @@ async def run(
     settings = make_settings(db_url, sim.base_url, log_level="INFO")
     port, metrics_port = free_port(), free_port()
     env = {**settings_env(settings, redis_url), "METRICS_PORT": str(metrics_port)}
+    if args.web_pythonpath:  # A/B: another tree's `worker` package for the web process only
+        env["PYTHONPATH"] = args.web_pythonpath
     web_log = RESULTS / "flood.web.log"
     web = spawn(
         seat_sync("web", "--host", "127.0.0.1", "--port", str(port)), env=env, log="flood.web"
@@ -363,7 +365,8 @@ async def run(
     redis = await create_pool(queue.redis_settings(redis_url))
     try:
         await wait_port(port, web)
-        await wait_port(metrics_port, web)
+        if not args.web_pythonpath:
+            await wait_port(metrics_port, web)
         worker_task = asyncio.create_task(worker.async_run())
         for scope_id in scopes:
             await queue.request_sync(redis, "subscription", scope_id)
@@ -403,7 +406,9 @@ async def run(
 
         mirrored = await wait_mirrored(sim, db_url, scopes, redis, 60)
         async with httpx.AsyncClient() as client:
-            exposition = (await client.get(f"http://127.0.0.1:{metrics_port}/metrics")).text
+            exposition = ""
+            with contextlib.suppress(httpx.TransportError):  # an older tree has no such port
+                exposition = (await client.get(f"http://127.0.0.1:{metrics_port}/metrics")).text
         written = await flood_writes(db_url, deliveries.ids)
         flood_calls = sum(
             1
@@ -535,6 +540,12 @@ def cli() -> None:
     parser.add_argument("--signed-rate", type=float, default=5, help="Polar deliveries per second")
     parser.add_argument("--scopes", type=int, default=20)
     parser.add_argument("--db", choices=["postgresql", "sqlite"], default="postgresql")
+    parser.add_argument(
+        "--web-pythonpath",
+        default="",
+        help="A/B: PYTHONPATH of the seat-sync web process only (e.g. a `git archive` of an\n"
+        "older tree's worker/ in a temporary folder)",
+    )
     asyncio.run(main(parser.parse_args()))
 
 
