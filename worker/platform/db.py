@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import event
+from sqlalchemy import Engine, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -22,6 +24,15 @@ from sqlalchemy.ext.asyncio import (
 T = TypeVar("T")
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+# SQLite has one writer per database file. A read-write SQLite engine lets one transaction()
+# of this process hold it at a time: the others queue here, in order, instead of polling
+# SQLite's busy handler, so a write transaction of another process (the webhook receiver)
+# competes with one writer of this process rather than with several. Keyed by engine, then
+# by event loop (tests run several loops over a process's lifetime).
+_WRITE_LOCKS: weakref.WeakKeyDictionary[
+    Engine, weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock]
+] = weakref.WeakKeyDictionary()
 
 
 def async_url(url: str) -> str:
@@ -69,6 +80,8 @@ def create_engine(url: str, *, read_only: bool = False, pool_size: int = 5) -> A
             path.parent.mkdir(parents=True, exist_ok=True)
         engine = create_async_engine(full, connect_args=connect_args)
         _configure_sqlite(engine, read_only=read_only)
+        if not read_only:
+            _WRITE_LOCKS[engine.sync_engine] = weakref.WeakKeyDictionary()
         return engine
     return create_async_engine(
         full,
@@ -126,8 +139,39 @@ async def transaction(
     sessions: async_sessionmaker[AsyncSession],
 ) -> AsyncIterator[AsyncSession]:
     """One unit of work: commit on success, roll back on error. Only boundaries call this."""
-    async with sessions() as session, session.begin():
-        yield session
+    lock = _write_lock(sessions)
+    if lock is None:
+        async with sessions() as session, session.begin():
+            yield session
+        return
+    try:
+        async with asyncio.timeout(SQLITE_BUSY_TIMEOUT_MS / 1000):
+            await lock.acquire()
+    except TimeoutError:
+        # What SQLite itself says once its busy timeout has passed: retryable, like it.
+        raise OperationalError(
+            "BEGIN IMMEDIATE", None, sqlite3.OperationalError("database is locked")
+        ) from None
+    try:
+        async with sessions() as session, session.begin():
+            yield session
+    finally:
+        lock.release()
+
+
+def _write_lock(sessions: async_sessionmaker[AsyncSession]) -> asyncio.Lock | None:
+    """This process's write lock for the sessions' engine: SQLite read-write engines only."""
+    bind = sessions.kw.get("bind")
+    if not isinstance(bind, AsyncEngine):
+        return None
+    locks = _WRITE_LOCKS.get(bind.sync_engine)
+    if locks is None:
+        return None
+    loop = asyncio.get_running_loop()
+    lock = locks.get(loop)
+    if lock is None:
+        lock = locks[loop] = asyncio.Lock()
+    return lock
 
 
 def is_retryable_db_error(exc: BaseException) -> bool:
