@@ -9,11 +9,12 @@ initial load of 1,000 seats), a second pass (every scope a no-op). The sender is
 process (`send` below) and open-loop: each webhook's latency counts from when it was due,
 so a stall delays every webhook due during it. Four processes, as deployed: `seat-sync web`,
 the resync (`resync` below: `resync_all` with the worker's resources, RESYNC_CONCURRENCY
-4), the sender, and this one, which hosts the simulated Polar.
+as deployed unless `--concurrency` is given: 1 on SQLite), the sender, and this one, which
+hosts the simulated Polar.
 
 Each of `--repeat` runs uses a fresh database; the figures pool their webhooks.
 
-    .venv/bin/python -m bench.ack_during_resync [--rate 30] [--repeat 3] [--concurrency 4]
+    .venv/bin/python -m bench.ack_during_resync [--rate 30] [--repeat 3] [--concurrency N]
 """
 
 from __future__ import annotations
@@ -201,11 +202,10 @@ async def run_once(args: argparse.Namespace, sim: SimulatedPolar, scope_ids: lis
     phases: dict[str, tuple[float, float]] = {}
     summaries: dict[str, Any] = {}
     async with database("sqlite", "ack") as db_url, fresh_redis(REDIS_URL) as redis_url:
-        settings = make_settings(
-            db_url, sim.base_url, resync_concurrency=args.concurrency, log_level="WARNING"
-        )
+        extra = {} if args.concurrency is None else {"resync_concurrency": args.concurrency}
+        settings = make_settings(db_url, sim.base_url, log_level="WARNING", **extra)
         env = settings_env(settings, redis_url)
-        env["RESYNC_CONCURRENCY"] = str(args.concurrency)
+        env["RESYNC_CONCURRENCY"] = str(settings.resync_concurrency)
         port = free_port()
         web = spawn(
             seat_sync("web", "--host", "127.0.0.1", "--port", str(port)),
@@ -330,7 +330,12 @@ def cli() -> None:
     parser.add_argument("--seats", type=int, default=1000)
     parser.add_argument("--quiet", type=float, default=6.0, help="seconds before the resync")
     parser.add_argument("--latency", type=float, default=0.05, help="simulated API latency (s)")
-    parser.add_argument("--concurrency", type=int, default=4, help="RESYNC_CONCURRENCY")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="RESYNC_CONCURRENCY (default: the deployed one)",
+    )
     parser.add_argument("--repeat", type=int, default=3, help="runs, each on a fresh database")
     asyncio.run(main(parser.parse_args()))
 

@@ -64,6 +64,8 @@ class Settings(BaseSettings):
     # ...and never later than this after the first change it covers.
     sync_max_wait_seconds: float = Field(default=DEFAULT_SYNC_MAX_WAIT_SECONDS, ge=0)
     resync_interval_minutes: float = Field(default=360, gt=0)
+    # Unset: 4, or 1 when DATABASE_URL is SQLite (one writer: overlapping syncs gain little
+    # there and keep each other's transactions, and the webhooks waiting on them, open).
     resync_concurrency: int = Field(default=4, ge=1, le=32)
     remind_interval_minutes: float = Field(default=15, gt=0)
     remind_window_hours: float = Field(default=6.0, gt=0)
@@ -146,6 +148,19 @@ class Settings(BaseSettings):
     def _blank_retention_is_unset(cls, value: object) -> object:
         # `SEAT_CHANGE_RETENTION_DAYS=` in an env file: kept for ever, as when unset.
         return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _blank_resync_concurrency_is_unset(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("resync_concurrency") == "":
+            return {k: v for k, v in data.items() if k != "resync_concurrency"}
+        return data
+
+    @model_validator(mode="after")
+    def _resync_concurrency_for_backend(self) -> Settings:
+        if "resync_concurrency" not in self.model_fields_set and self.is_sqlite:
+            self.resync_concurrency = 1
+        return self
 
     @model_validator(mode="after")
     def _https_unless_loopback(self) -> Settings:
