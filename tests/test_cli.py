@@ -81,6 +81,9 @@ async def test_resync_all_and_status(
     assert report["full_resyncs"][0]["status"] == "ok"
     assert report["full_resyncs"][0]["scopes"] == 3
     assert report["deliveries_pending"] == 0
+    # Read from the fleet's Redis: nothing queued; the pass's calls in the budget's window.
+    assert report["queue_depth"] == 0
+    assert report["rate_budget"]["used"] >= report["full_resyncs"][0]["api_calls"] > 0
 
 
 async def test_remind_dry_run_lists_without_sending(
@@ -336,3 +339,33 @@ def test_read_settings_defaults_are_the_settings_defaults() -> None:
     assert environment.DEFAULT_SQLITE_FILE == config.DEFAULT_SQLITE_FILE
     for name, default in environment.DEFAULTS.items():
         assert str(fields[name].default) == default or fields[name].default == float(default)
+
+
+async def test_status_without_its_redis_says_what_the_database_knows(
+    database_url: str, tmp_path: Path
+) -> None:
+    ran = await seat_sync(
+        "status",
+        "--format",
+        "json",
+        env={"DATABASE_URL": database_url, "REDIS_URL": "redis://127.0.0.1:9/0"},
+        cwd=tmp_path,
+    )
+
+    assert ran.code == 0, ran.err
+    report = json.loads(ran.out)
+    assert (report["queue_depth"], report["rate_budget"]) == (None, None)
+    assert report["full_resyncs"] == []
+
+
+def test_the_light_readers_use_the_workers_names() -> None:
+    """The read path names Redis keys and the private socket without importing the worker's
+    modules; these are the same names."""
+    from worker import queue
+    from worker.platform import redis
+    from worker.polar import budget
+    from worker.query import fleet, mirror
+
+    assert fleet.QUEUE_KEY == queue.QUEUE_NAME
+    assert fleet.BUDGET_LOG_KEY == budget.KEY_LOG
+    assert mirror.socket_path(Path("d")) == redis.socket_path(Path("d"))

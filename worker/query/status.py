@@ -9,8 +9,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from worker.polar.errors import CHECK_CONFIGURATION
+from worker.query import fleet
 from worker.query.environment import MirrorConfig
-from worker.query.mirror import Mirror, as_datetime, iso, like_escaped, open_mirror
+from worker.query.mirror import Mirror, as_datetime, iso, like_escaped, open_mirror, socket_path
 
 RECENT_PASSES = 5
 FAILING_SHOWN = 20
@@ -108,20 +109,14 @@ def mirror_report(mirror: Mirror, settings: MirrorConfig) -> dict[str, Any]:
     }
 
 
-async def _redis_figures(settings: MirrorConfig) -> tuple[int | None, int | None]:
-    """(jobs queued, Polar calls spent in the current rate window) from the fleet's Redis:
-    REDIS_URL, or the private Redis when one is serving; (None, None) without one."""
-    from worker.query.mirror import running_redis_url
-
-    redis_url = await running_redis_url(settings)
-    if redis_url is None:
-        return None, None
+async def _client_figures(url: str, settings: MirrorConfig) -> tuple[int, int]:
+    """The same figures through the worker's own Redis client (URLs with options)."""
     from arq.connections import create_pool
 
     from worker.polar.budget import RedisBudget
     from worker.queue import QUEUE_NAME, redis_settings
 
-    redis = await create_pool(redis_settings(redis_url))
+    redis = await create_pool(redis_settings(url))
     try:
         budget = RedisBudget(
             redis,
@@ -134,17 +129,24 @@ async def _redis_figures(settings: MirrorConfig) -> tuple[int | None, int | None
 
 
 def redis_figures(settings: MirrorConfig) -> tuple[int | None, int | None]:
-    if settings.redis_url is None and not socket_exists(settings):
-        return None, None  # no Redis to ask: no need to load a Redis client
-    import asyncio
+    """(jobs queued, Polar calls spent in the current rate window) from the fleet's Redis:
+    REDIS_URL, or the private Redis when one is serving; (None, None) without one, or when
+    it does not answer (the report says what the database knows all the same)."""
+    url = settings.redis_url
+    if url is None:
+        path = socket_path(settings.data_dir)
+        if not path.exists():
+            return None, None  # no private Redis running: nothing to ask, nothing to load
+        url = f"unix://{path}"
+    try:
+        found = fleet.figures(url, int(settings.polar_rate_window_seconds * 1000))
+        if found is None:
+            import asyncio
 
-    return asyncio.run(_redis_figures(settings))
-
-
-def socket_exists(settings: MirrorConfig) -> bool:
-    from worker.query.mirror import socket_path
-
-    return socket_path(settings.data_dir).exists()
+            found = asyncio.run(_client_figures(url, settings))
+    except Exception:  # unreachable, refused, timed out: unknown, as without a Redis
+        return None, None
+    return found
 
 
 def status_report(settings: MirrorConfig) -> dict[str, Any]:
