@@ -96,15 +96,22 @@ def _bind(host: str, port: int) -> socket.socket:
 
 @contextlib.asynccontextmanager
 async def running(
-    app: ASGIApp, *, host: str = "127.0.0.1", port: int = 0, what: str = "server"
+    app: ASGIApp,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    what: str = "server",
+    lifespan: bool = True,
 ) -> AsyncIterator[str]:
     """Serve `app` inside the current event loop on a socket bound here, so that the port
     is known, and a port in use fails, before serving; yields the base URL
-    (`http://host:port`). Used by tests, the demo, the benchmarks and the metrics server."""
+    (`http://host:port`). Used by tests, the demo, the benchmarks and the metrics server.
+    `lifespan=False`: the app has no startup or shutdown of its own to run."""
     sock = _bind(host, port)
     bound_port = sock.getsockname()[1]
     config = uvicorn_config(app, host=host, port=bound_port)
     config.timeout_graceful_shutdown = 1
+    config.lifespan = "on" if lifespan else "off"
     server = _QuietServer(config)
     task = asyncio.create_task(_serve_on(server, sock))
     try:
@@ -192,14 +199,7 @@ def metrics_app(refresh: ThrottledRefresh) -> Starlette:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
-    @contextlib.asynccontextmanager
-    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
-        try:
-            yield
-        finally:
-            await refresh.aclose()
-
-    return Starlette(routes=[Route("/metrics", scrape, methods=["GET"])], lifespan=lifespan)
+    return Starlette(routes=[Route("/metrics", scrape, methods=["GET"])])
 
 
 @contextlib.asynccontextmanager
@@ -214,9 +214,15 @@ async def metrics_running(
     `refresh` (the gauges read from state) run at most once per `every` seconds however
     often it is scraped; yields the URL of `/metrics`. A port in use fails here."""
     throttled = ThrottledRefresh(refresh, every=every)
-    async with running(metrics_app(throttled), host=host, port=port, what="metrics") as url:
-        log.info("metrics_listening", host=host, port=port)
-        yield url + "/metrics"
+    # No lifespan: a process that ends without stopping this server (arq skips its
+    # on_shutdown when a job is cancelled at close) leaves no startup-shutdown task behind.
+    app = metrics_app(throttled)
+    try:
+        async with running(app, host=host, port=port, what="metrics", lifespan=False) as url:
+            log.info("metrics_listening", host=host, port=port)
+            yield url + "/metrics"
+    finally:
+        await throttled.aclose()
 
 
 async def serve_metrics(
