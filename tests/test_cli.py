@@ -369,3 +369,22 @@ def test_the_light_readers_use_the_workers_names() -> None:
     assert fleet.QUEUE_KEY == queue.QUEUE_NAME
     assert fleet.BUDGET_LOG_KEY == budget.KEY_LOG
     assert mirror.socket_path(Path("d")) == redis.socket_path(Path("d"))
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (("changes", "--after", "abc"), "'abc' is not a valid integer"),
+        (("changes", "--limit", "0"), "0 must be >= 1"),
+        (("seats", "--format", "xml"), "'xml' is not one of 'table', 'json', 'csv', 'ndjson'"),
+        (("seats", "--status", "gone"), "--status must be pending, claimed or revoked"),
+        (("seats", "--expiring-within", "soon"), "not a duration: 'soon'"),
+        (("nosuch",), "No such command 'nosuch'"),
+    ],
+)
+async def test_a_bad_argument_is_one_line(args: tuple[str, ...], said: str, tmp_path: Path) -> None:
+    ran = await seat_sync(*args, env={"DATABASE_URL": f"sqlite:///{tmp_path}/m.db"})
+
+    assert ran.code == 2
+    assert said in one_error_line(ran.err)
+    assert len(ran.err.strip().splitlines()) == 1

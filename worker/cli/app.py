@@ -25,11 +25,19 @@ def _loaded(module: str, name: str) -> type[BaseException] | None:
     return getattr(found, name, None) if found is not None else None
 
 
+# click's base of its usage errors (a bad option value, an unknown command), whether typer
+# vendors click or uses it.
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
 def one_line(exc: Exception) -> tuple[str, int] | None:
     """What an expected failure says to a person, and the exit code; None for a bug (its
     traceback is worth seeing)."""
     if isinstance(exc, CommandError):
         return exc.message, exc.exit_code
+    if isinstance(exc, _CLICK_ERROR):
+        message = getattr(exc, "format_message", exc.__str__)()
+        return f"{message} (see --help)", int(getattr(exc, "exit_code", EXIT_CONFIG))
     config_error = _loaded("worker.config", "ConfigError")
     if config_error is not None and isinstance(exc, config_error):
         return str(exc), EXIT_CONFIG
