@@ -163,6 +163,44 @@ async def test_absent_and_empty_metadata_are_stored_as_before(sessions: Sessions
     assert (changed.updated, changed.changes) == (1, [])  # metadata alone: no history row
 
 
+async def test_values_repeated_across_a_list_are_stored_each_as_its_own_seat_says(
+    sessions: Sessions,
+) -> None:
+    # Equal values convert once per list; values that are equal in Python but not in JSON
+    # (1 and True, 0.0 and -0.0), or the same instant in other offsets, must not share.
+    scope_id = "sub-repeat"
+    later = T0 + timedelta(hours=3)
+    seats = [
+        polar_seat(scope_id, 1, seat_metadata={"flag": 1}, modified_at=later.isoformat()),
+        polar_seat(
+            scope_id, 2, seat_metadata={"flag": True}, modified_at="2026-11-01T17:00:00+02:00"
+        ),
+        polar_seat(scope_id, 3, seat_metadata={"flag": 0.0}),
+        polar_seat(scope_id, 4, seat_metadata={"flag": -0.0}),
+        polar_seat(scope_id, 5, seat_metadata={"flag": 1}),
+        polar_seat(scope_id, 6, seat_metadata={"flag": {"nested": [1]}}),
+    ]
+    await apply(sessions, scope_id, listing(*seats))
+    stored = await seats_by_id(sessions)
+    flags = [stored[s["id"]].seat_metadata["flag"] for s in seats]
+    assert [(type(f), f) for f in flags] == [
+        (int, 1),
+        (bool, True),
+        (float, 0.0),
+        (float, -0.0),
+        (int, 1),
+        (dict, {"nested": [1]}),
+    ]
+    assert str(flags[3]) == "-0.0"
+    assert {stored[s["id"]].modified_at for s in seats[:2]} == {later}
+    assert (await apply(sessions, scope_id, listing(*seats))).written == 0
+    # One seat of many sharing a value changes: only it is written.
+    changed = [seats[0], {**seats[4], "seat_metadata": {"flag": 2}}, *seats[1:4], seats[5]]
+    result = await apply(sessions, scope_id, listing(*changed))
+    assert (result.updated, result.unchanged) == (1, 5)
+    assert (await seats_by_id(sessions))[seats[4]["id"]].seat_metadata == {"flag": 2}
+
+
 async def test_a_change_of_other_fields_only_updates_without_history(sessions: Sessions) -> None:
     scope_id = "sub-name"
     seat = polar_seat(scope_id, 1)

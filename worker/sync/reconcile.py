@@ -189,6 +189,90 @@ def _json_text(value: Any) -> str:
     return json.dumps(value) if value else "{}"  # {}: Polar's default metadata
 
 
+_STAMP_SLOTS = 7  # the timestamps of one seat row: 5 of the seat, 2 of its member
+# float is not among them: 0.0 == -0.0 with one hash, but they dump differently.
+_METADATA_SCALARS = (str, int, bool)
+
+
+class _Converter:
+    """Polar's values -> storage form for one list, repeated values converted once.
+
+    A list repeats values: seats assigned or claimed together share timestamps, and metadata
+    is often the same few dicts. Each timestamp column remembers its last value and its
+    storage form, so a repeat costs one comparison instead of a conversion (hashing an aware
+    datetime costs about as much as converting it, so there is no dict for timestamps);
+    metadata dicts are memoised by keys, types and values. Repeats are most of what an
+    unchanged list costs to compare; distinct values cost one comparison more. The memo
+    lives for one list only.
+    """
+
+    def __init__(self, backend: _Backend) -> None:
+        self._convert = backend.timestamp
+        # [last value, its storage form] per timestamp column of the row, in row order.
+        self._last: list[list[Any]] = [[None, None] for _ in range(_STAMP_SLOTS)]
+        self._metadata: dict[tuple[Any, ...], str] = {}
+
+    def timestamp(self, slot: int, value: datetime | None) -> Any:
+        if value is None:
+            return None
+        last = self._last[slot]
+        # Equal aware datetimes are the same instant: they share one UTC storage form.
+        if last[0] is not None and value == last[0]:
+            return last[1]
+        converted = self._convert(value)
+        last[0], last[1] = value, converted
+        return converted
+
+    def metadata(self, value: Any) -> str:
+        if not value or type(value) is not dict:
+            return _json_text(value)
+        # Keyed by key order, types and values: {"a": 1} and {"a": True} are equal dicts
+        # with equal hashes but different JSON; {"a": 1, "b": 2} and {"b": 2, "a": 1} too.
+        key = tuple(
+            (k, type(v), v) for k, v in value.items() if type(v) in _METADATA_SCALARS or v is None
+        )
+        if len(key) != len(value):  # a nested value (unhashable) or a float: no memo
+            return _json_text(value)
+        text = self._metadata.get(key)
+        if text is None:
+            text = self._metadata[key] = _json_text(value)
+        return text
+
+    def row(self, seat: CustomerSeat) -> Row:
+        """("id", *POLAR_COLUMNS) of one seat, every value in storage form."""
+        ts = self.timestamp
+        member = seat.member
+        if member is None:
+            member_values: tuple[Any, ...] = (None, None, None, None, None, None, None)
+        else:
+            member_values = (
+                ts(5, member.created_at),
+                ts(6, member.modified_at),
+                member.customer_id,
+                member.email,
+                member.name,
+                member.external_id,
+                member.role,
+            )
+        return (
+            seat.id,
+            ts(0, seat.created_at),
+            ts(1, seat.modified_at),
+            seat.subscription_id,
+            seat.order_id,
+            seat.status,
+            seat.customer_id,
+            seat.member_id,
+            seat.email,
+            seat.customer_email,
+            ts(2, seat.invitation_token_expires_at),
+            ts(3, seat.claimed_at),
+            ts(4, seat.revoked_at),
+            self.metadata(seat.seat_metadata),
+            *member_values,
+        )
+
+
 class _Backend:
     """How one database stores values, and the few statements reconcile runs on it."""
 
@@ -228,37 +312,7 @@ class _Backend:
 
     def storage_row(self, seat: CustomerSeat) -> Row:
         """("id", *POLAR_COLUMNS) of one seat, every value in storage form."""
-        ts = self.timestamp
-        member = seat.member
-        if member is None:
-            member_values: tuple[Any, ...] = (None, None, None, None, None, None, None)
-        else:
-            member_values = (
-                ts(member.created_at),
-                ts(member.modified_at),
-                member.customer_id,
-                member.email,
-                member.name,
-                member.external_id,
-                member.role,
-            )
-        return (
-            seat.id,
-            ts(seat.created_at),
-            ts(seat.modified_at),
-            seat.subscription_id,
-            seat.order_id,
-            seat.status,
-            seat.customer_id,
-            seat.member_id,
-            seat.email,
-            seat.customer_email,
-            ts(seat.invitation_token_expires_at),
-            ts(seat.claimed_at),
-            ts(seat.revoked_at),
-            _json_text(seat.seat_metadata),
-            *member_values,
-        )
+        return _Converter(self).row(seat)
 
     async def claim_scope(self, conn: AsyncConnection, values: Row) -> bool:
         """Write the scope's new state unless a newer fetch landed; True when written."""
@@ -596,7 +650,8 @@ async def reconcile_scope(
     # 1. Convert (before the first statement: on SQLite, before the write lock).
     ts = backend.timestamp
     stamp = ts(now)
-    fresh = {seat.id: backend.storage_row(seat) for seat in seats.seats}
+    convert = _Converter(backend).row
+    fresh = {seat.id: convert(seat) for seat in seats.seats}
 
     # 2. Claim the scope.
     conn = await session.connection()
