@@ -179,7 +179,14 @@ async def startup(ctx: Ctx) -> None:
         async def refresh() -> None:
             await gauges.refresh(resources.sessions, redis=resources.redis, budget=resources.budget)
 
-        ctx["metrics_task"] = asyncio.create_task(serve_metrics(settings.metrics_port, refresh))
+        ctx["metrics_task"] = asyncio.create_task(
+            serve_metrics(
+                settings.metrics_port,
+                refresh,
+                every=settings.metrics_refresh_seconds,
+                host=settings.metrics_host,
+            )
+        )
     log.info("worker_started", polar_api_url=settings.polar_api_url)
 
 
