@@ -63,7 +63,7 @@ def one_line(exc: Exception) -> tuple[str, int] | None:
     if redis_error is not None and isinstance(exc, redis_error):
         return f"cannot connect to Redis: {exc}", EXIT_ERROR
     if isinstance(exc, OSError):  # connection refused, unknown host, port in use, ...
-        return f"cannot connect: {exc.strerror or exc}", EXIT_ERROR
+        return (f"cannot connect: {exc.strerror}" if exc.strerror else str(exc)), EXIT_ERROR
     return None
 
 
