@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -20,10 +21,14 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.util import await_only
 
 T = TypeVar("T")
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# The busy timeout of an engine that polls for the write lock itself (`lock_poll_seconds`):
+# SQLite's own handler then retries once, after 1 ms.
+SQLITE_POLLED_BUSY_TIMEOUT_MS = 2
 
 # SQLite has one writer per database file. A read-write SQLite engine lets one transaction()
 # of this process hold it at a time: the others queue here, in order, instead of polling
@@ -67,8 +72,21 @@ def sqlite_path(url: str) -> Path | None:
     return Path(database)
 
 
-def create_engine(url: str, *, read_only: bool = False, pool_size: int = 5) -> AsyncEngine:
-    """An engine for DATABASE_URL. Created at startup, disposed at shutdown (no I/O at import)."""
+def create_engine(
+    url: str,
+    *,
+    read_only: bool = False,
+    pool_size: int = 5,
+    lock_poll_seconds: float | None = None,
+) -> AsyncEngine:
+    """An engine for DATABASE_URL. Created at startup, disposed at shutdown (no I/O at import).
+
+    `lock_poll_seconds` (SQLite read-write only): wait for the write lock by retrying every
+    that many seconds, up to the busy timeout, instead of with SQLite's busy handler. That
+    one sleeps longer the longer it has waited (25, 50, then 100 ms steps), so a writer that
+    has waited a while loses the lock to every newcomer, which polls at 1 ms; the webhook
+    receiver, whose writes are short, polls in short fixed steps instead.
+    """
     full = async_url(url)
     if is_sqlite(full):
         connect_args: dict[str, Any] = {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
@@ -79,7 +97,7 @@ def create_engine(url: str, *, read_only: bool = False, pool_size: int = 5) -> A
         elif path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
         engine = create_async_engine(full, connect_args=connect_args)
-        _configure_sqlite(engine, read_only=read_only)
+        _configure_sqlite(engine, read_only=read_only, lock_poll_seconds=lock_poll_seconds)
         if not read_only:
             _WRITE_LOCKS[engine.sync_engine] = weakref.WeakKeyDictionary()
         return engine
@@ -101,8 +119,11 @@ def create_engine(url: str, *, read_only: bool = False, pool_size: int = 5) -> A
     )
 
 
-def _configure_sqlite(engine: AsyncEngine, *, read_only: bool) -> None:
+def _configure_sqlite(
+    engine: AsyncEngine, *, read_only: bool, lock_poll_seconds: float | None
+) -> None:
     sync_engine = engine.sync_engine
+    polled = lock_poll_seconds is not None and not read_only
 
     @event.listens_for(sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -114,13 +135,29 @@ def _configure_sqlite(engine: AsyncEngine, *, read_only: bool) -> None:
             cursor.execute("PRAGMA journal_mode = WAL")
             cursor.execute("PRAGMA synchronous = NORMAL")
         cursor.execute("PRAGMA foreign_keys = ON")
+        if polled:
+            # Only BEGIN IMMEDIATE waits for a lock in WAL mode; it polls on its own (below).
+            cursor.execute(f"PRAGMA busy_timeout = {SQLITE_POLLED_BUSY_TIMEOUT_MS}")
         cursor.close()
 
     @event.listens_for(sync_engine, "begin")
     def _on_begin(conn: Any) -> None:
         # A deferred transaction that later writes can fail with "database is locked"
         # without waiting; taking the write lock up front makes writers queue instead.
-        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+        if not polled:
+            conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+            return
+        assert lock_poll_seconds is not None
+        deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+                return
+            except OperationalError as exc:
+                if "database is locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+            # The begin event runs in SQLAlchemy's greenlet on the event loop: sleep there.
+            await_only(asyncio.sleep(lock_poll_seconds))
 
 
 def insert_ignoring_conflict(session: AsyncSession, table: Any) -> Any:
