@@ -153,12 +153,16 @@ async def test_follow_as_json_closes_the_list_when_interrupted(
     env = env_for(database_url, sim, redis_url)
     assert (await seat_sync("resync", "--subscription", sub["id"], env=env)).code == 0
     proc = await follow(env, "--format", "json")
-    await asyncio.sleep(1.0)
+    assert proc.stdout is not None
+    printed = b""
+    async with asyncio.timeout(20):
+        while b"fi@example.com" not in printed:
+            printed += await proc.stdout.read(1024)
     proc.send_signal(signal.SIGINT)
-    out, _ = await asyncio.wait_for(proc.communicate(), timeout=20)
+    rest, _ = await asyncio.wait_for(proc.communicate(), timeout=20)
 
     assert proc.returncode == 0
-    assert [r["new_email"] for r in json.loads(out)] == ["fi@example.com"]
+    assert [r["new_email"] for r in json.loads(printed + rest)] == ["fi@example.com"]
 
 
 # ---------------------------------------------------------------------- concurrent writers
