@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
+from typing import Any
 
-from sqlalchemy import update
+import pytest
+from sqlalchemy import event, update
 from sqlmodel import col
+from typer.testing import CliRunner
 
-from tests.support.commands import SEAT_SYNC, Ran, env_for, environment, seat_sync
+from tests.support.commands import (
+    SEAT_SYNC,
+    Ran,
+    env_for,
+    environment,
+    forget_own_variables,
+    seat_sync,
+)
 from tests.support.settings import SIM_TOKEN
 from worker.models import Seat
 from worker.platform.db import create_engine, session_factory, transaction
@@ -208,3 +219,60 @@ async def test_a_seat_by_the_short_id_the_table_shows(
 
     assert ran.code == 0, ran.err
     assert json.loads(ran.out)["seat"]["id"] == ids["leaver"]
+
+
+# ---------------------------------------------------------------------- read-only reads
+
+READ_COMMANDS = [
+    ["seats", "--format", "json"],
+    ["seat", "00000000-0000-0000-0000-000000000000", "--format", "json"],
+    ["scopes"],
+    ["history", "--lost", "--since", "7d"],
+    ["status"],
+    ["changes", "--format", "json"],
+]
+
+
+@pytest.mark.parametrize("command", READ_COMMANDS, ids=[c[0] for c in READ_COMMANDS])
+def test_read_commands_open_the_database_read_only(
+    monkeypatch: pytest.MonkeyPatch, database_url: str, command: list[str], tmp_path: Path
+) -> None:
+    """Every connection a read command opens is read-only (SQLite: the standard library's
+    sqlite3 in mode=ro; PostgreSQL: a read-only engine), and it runs no write."""
+    import sqlite3
+
+    import worker.platform.db
+    from worker.cli.app import app
+
+    opened: list[bool] = []
+    statements: list[str] = []
+    real_connect = sqlite3.connect
+    real_engine = worker.platform.db.create_engine
+
+    def connect(database: str, *args: Any, **kwargs: Any) -> sqlite3.Connection:
+        opened.append(kwargs.get("uri", False) and str(database).endswith("?mode=ro"))
+        conn = real_connect(database, *args, **kwargs)
+        conn.set_trace_callback(statements.append)
+        return conn
+
+    def engine(url: str, *, read_only: bool = False, **kwargs: Any) -> Any:
+        opened.append(read_only)
+        created = real_engine(url, read_only=read_only, **kwargs)
+
+        @event.listens_for(created.sync_engine, "before_cursor_execute")
+        def _seen(_c: Any, _cur: Any, statement: str, *_a: Any) -> None:
+            statements.append(statement)
+
+        return created
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    monkeypatch.setattr(worker.platform.db, "create_engine", engine)
+    forget_own_variables(monkeypatch)
+    monkeypatch.setenv("DATA_DIR", str(tmp_path))
+
+    result = CliRunner().invoke(app, command, env={"DATABASE_URL": database_url})
+
+    assert result.exit_code in (0, 1), result.output  # `seat` of an unknown id exits 1
+    assert opened and all(opened), opened
+    verbs = {s.lstrip().split()[0].upper() for s in statements}
+    assert verbs <= {"SELECT", "BEGIN", "COMMIT", "ROLLBACK"}, statements
