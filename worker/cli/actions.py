@@ -70,6 +70,7 @@ def _report(done: SeatAction, verb: str, fmt: OutputFormat) -> None:
 def _known_scope(given: str) -> tuple[str, tuple[str, str] | None]:
     """The seat id (a prefix shown by `seats` completed from the mirror) and its scope
     when the mirror has the seat."""
+    from worker.platform.migrate import SchemaBehindError
     from worker.query.mirror import NoDatabaseError
     from worker.query.seats import AmbiguousSeatError, seat_scope
 
@@ -77,8 +78,8 @@ def _known_scope(given: str) -> tuple[str, tuple[str, str] | None]:
         found = seat_scope(read_settings(), given)
     except AmbiguousSeatError as exc:
         raise UsageError(str(exc)) from None
-    except NoDatabaseError:
-        found = None
+    except (NoDatabaseError, SchemaBehindError):
+        found = None  # a SQLite mirror is created or upgraded by the action itself
     if found is None:
         return given, None
     seat_id, kind, scope_id = found
