@@ -203,16 +203,22 @@ def print_table(
 
 
 def emit_rows(
-    rows: list[dict[str, Any]], fmt: OutputFormat, *, columns: Sequence[str], title: str
+    rows: list[dict[str, Any]],
+    fmt: OutputFormat,
+    *,
+    columns: Sequence[str],
+    title: str,
+    keys: Sequence[str] | None = None,
 ) -> None:
-    """Rows as a table of `columns` for people; JSON (a list), NL-JSON or CSV for scripts."""
+    """Rows as a table of `columns` for people; JSON (a list), NL-JSON or CSV for scripts
+    (`keys`: the CSV header when there is no row to take it from)."""
     if fmt is OutputFormat.json:
         sys.stdout.write(json.dumps(rows, indent=2, default=str) + "\n")
     elif fmt is OutputFormat.ndjson:
         sys.stdout.writelines(json.dumps(row, default=str) + "\n" for row in rows)
     elif fmt is OutputFormat.csv:
         flat = [flatten(r) for r in rows]
-        fields: list[str] = list(flat[0].keys()) if flat else list(columns)
+        fields: list[str] = list(flat[0].keys()) if flat else list(keys or columns)
         writer = csv.DictWriter(sys.stdout, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for row in flat:

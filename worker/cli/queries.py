@@ -291,7 +291,8 @@ def changes(
     settings = read_settings()
     if not follow:
         found = list(feed(settings, after, follow=False, limit=limit, wait=lambda: None))
-        emit_rows(found, fmt, columns=shown, title=f"{len(found)} changes after id {after}")
+        title = f"{len(found)} changes after id {after}"
+        emit_rows(found, fmt, columns=shown, title=title, keys=CHANGE_KEYS)
         return
     stream = RowStream(fmt, shown, CHANGE_KEYS)
     # Interrupting --follow is how it ends: stop between rows, close the output, exit 0.
