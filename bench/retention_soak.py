@@ -297,6 +297,10 @@ def while_receiving(path: Path, work: Any) -> tuple[Any, list[float], float]:
     return result, receiver.waits, elapsed
 
 
+def over(waits: list[float], ms: float = 250.0) -> str:
+    return f"{sum(w > ms for w in waits)} > {ms:g} ms"
+
+
 def mb(n: float) -> str:
     return f"{n / 1e6:,.1f} MB"
 
@@ -361,8 +365,9 @@ def main() -> None:
             "receiver insert, longest wait during the daily prune (ms)",
             round(max(last_waits), 1),
             f"p99 {percentile(last_waits, 99):.1f}, median "
-            f"{statistics.median(last_waits):.1f} over {len(last_waits)} inserts; no "
-            f"prune: max {max(quiet):.1f}, p99 {percentile(quiet, 99):.1f}",
+            f"{statistics.median(last_waits):.1f}, {over(last_waits)} of {len(last_waits)} "
+            f"inserts; no prune: max {max(quiet):.1f}, p99 {percentile(quiet, 99):.1f}, "
+            f"{over(quiet)}",
         ),
         Figure(
             "daily prune: rows deleted, seconds",
@@ -372,8 +377,9 @@ def main() -> None:
         Figure(
             "receiver insert, longest wait during a catch-up prune (ms)",
             round(max(catch_waits), 1),
-            f"p99 {percentile(catch_waits, 99):.1f} over {len(catch_waits)} inserts; "
-            f"{sum(catch_up.rows.values()):,} rows in {catch_seconds:.1f} s",
+            f"p99 {percentile(catch_waits, 99):.1f}, {over(catch_waits)} of "
+            f"{len(catch_waits)} inserts; {sum(catch_up.rows.values()):,} rows in "
+            f"{catch_seconds:.1f} s",
         ),
         Figure(
             "catch-up prune: file size after (MB)",
