@@ -13,10 +13,12 @@ from sqlalchemy import func, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
 
-from worker.models import Seat, SeatChange, SeatScope, WebhookDelivery, WebhookDeliveryScope
-from worker.platform.db import retry_transaction
+from tests.support.reconcile import mirrored_seats as seats_by_id
+from tests.support.reconcile import reconcile
+from tests.support.reconcile import seat_changes as changes
+from worker.models import Seat, SeatScope, WebhookDelivery, WebhookDeliveryScope
 from worker.polar.schemas import CustomerSeat, SeatsList
-from worker.sync.reconcile import ReconcileResult, reconcile_scope, seat_row
+from worker.sync.reconcile import ReconcileResult, seat_row
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 Sessions = async_sessionmaker[AsyncSession]
@@ -67,39 +69,9 @@ def listing(*seats: dict[str, Any]) -> SeatsList:
 
 
 async def apply(
-    sessions: Sessions,
-    scope_id: str,
-    seats: SeatsList,
-    *,
-    kind: str = "subscription",
-    fetch_started_at: datetime | None = None,
+    sessions: Sessions, scope_id: str, seats: SeatsList, **options: Any
 ) -> ReconcileResult:
-    started = fetch_started_at or datetime.now(UTC)
-
-    async def work(session: AsyncSession) -> ReconcileResult:
-        return await reconcile_scope(
-            session,
-            kind=kind,
-            scope_id=scope_id,
-            seats=seats,
-            fetch_started_at=started,
-            now=datetime.now(UTC),
-        )
-
-    return await retry_transaction(sessions, work)
-
-
-async def seats_by_id(sessions: Sessions) -> dict[str, Seat]:
-    async with sessions() as session:
-        return {s.id: s for s in (await session.execute(select(Seat))).scalars()}
-
-
-async def changes(sessions: Sessions, seat_id: str | None = None) -> list[SeatChange]:
-    query = select(SeatChange).order_by(col(SeatChange.id))
-    if seat_id is not None:
-        query = query.where(col(SeatChange.seat_id) == seat_id)
-    async with sessions() as session:
-        return list((await session.execute(query)).scalars())
+    return await reconcile(sessions, seats, scope_id=scope_id, **options)
 
 
 async def test_rows_an_earlier_writer_stored_are_recognised_as_unchanged(
