@@ -21,7 +21,6 @@ import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import psutil
@@ -31,7 +30,6 @@ from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
-from typer.testing import CliRunner
 
 from tests.support.commands import SEAT_SYNC, env_for, environment, forget_own_variables, seat_sync
 from tests.support.mirror import delivery_ids
@@ -528,54 +526,3 @@ async def test_a_read_only_engine_cannot_write(database_url: str) -> None:
             assert (await conn.execute(count)).scalar() == 1
     finally:
         await writable.dispose()
-
-
-QUERY_COMMANDS = [
-    ["seats", "--format", "json"],
-    ["seat", "00000000-0000-0000-0000-000000000000", "--format", "json"],
-    ["scopes"],
-    ["history", "--lost", "--since", "7d"],
-    ["status"],
-]
-
-
-@pytest.mark.parametrize("command", QUERY_COMMANDS, ids=[c[0] for c in QUERY_COMMANDS])
-def test_query_commands_open_the_database_read_only(
-    monkeypatch: pytest.MonkeyPatch, database_url: str, command: list[str]
-) -> None:
-    """Every engine a query command creates is read-only, and it runs no write."""
-    import worker.platform.db
-    from worker.cli.app import app
-
-    opened: list[bool] = []
-    statements: list[str] = []
-    real = worker.platform.db.create_engine
-
-    def spying(url: str, *, read_only: bool = False, **kwargs: Any) -> Any:
-        opened.append(read_only)
-        engine = real(url, read_only=read_only, **kwargs)
-
-        from sqlalchemy import event
-
-        @event.listens_for(engine.sync_engine, "before_cursor_execute")
-        def _seen(_c: Any, _cur: Any, statement: str, *_a: Any) -> None:
-            statements.append(statement)
-
-        return engine
-
-    monkeypatch.setattr("worker.resources.create_engine", spying)
-    env = {"DATABASE_URL": database_url, "POLAR_ACCESS_TOKEN": SIM_TOKEN, "LOG_FORMAT": "json"}
-    forget_own_variables(monkeypatch)
-    try:
-        result = CliRunner().invoke(app, command, env=env)
-    finally:
-        logs.configure(log_format="json")
-    assert result.exit_code in (0, 1), result.output  # `seat` of an unknown id exits 1
-    assert opened and all(opened), opened
-    writes = [
-        s
-        for s in statements
-        if s.lstrip().split()[0].upper()
-        in {"INSERT", "UPDATE", "DELETE", "CREATE", "DROP", "ALTER"}
-    ]
-    assert writes == []
