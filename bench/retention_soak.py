@@ -38,12 +38,19 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import Figure, percentile, report
-from worker.platform.db import create_engine, session_factory
+from worker.platform.db import (
+    SQLITE_BUSY_TIMEOUT_MS,
+    SQLITE_POLLED_BUSY_TIMEOUT_MS,
+    create_engine,
+    session_factory,
+)
 from worker.platform.migrate import upgrade
 from worker.schedule import retention
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
 PASSES_PER_DAY = 4
+# What the webhook receiver polls the SQLite write lock at (worker.intake.receiver).
+RECEIVER_POLL_S = 0.003
 
 
 def stamp(moment: datetime) -> str:
@@ -255,16 +262,35 @@ async def prune(path: Path, now: datetime, *, pause: float) -> retention.PruneRe
 
 class Receiver(threading.Thread):
     """Inserts one delivery every `every` seconds, each in its own BEGIN IMMEDIATE
-    transaction (busy timeout 30 s, as the application's connections), timing each."""
+    transaction, timing each, and waits for the write lock as the webhook receiver does:
+    it polls every RECEIVER_POLL_S (`create_engine(lock_poll_seconds=...)`), with SQLite's
+    own busy handler cut to SQLITE_POLLED_BUSY_TIMEOUT_MS."""
 
     def __init__(self, path: Path, *, every: float = 0.005) -> None:
         super().__init__(daemon=True)
-        self.conn = sqlite3.connect(path, isolation_level=None, timeout=30, check_same_thread=False)
+        self.conn = sqlite3.connect(
+            path,
+            isolation_level=None,
+            timeout=SQLITE_POLLED_BUSY_TIMEOUT_MS / 1000,
+            check_same_thread=False,
+        )
+        self.conn.execute("PRAGMA synchronous = NORMAL")
         self.every = every
         self.waits: list[float] = []
         self.stop = threading.Event()
         self.payload = seat_payload(random.Random(1), 1)
         self.tag = uuid.uuid4().hex[:8]
+
+    def _begin(self) -> None:
+        deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if "database is locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(RECEIVER_POLL_S)
 
     def run(self) -> None:
         n = 0
@@ -272,7 +298,7 @@ class Receiver(threading.Thread):
             n += 1
             at = stamp(datetime.now(UTC))
             started = time.perf_counter()
-            self.conn.execute("BEGIN IMMEDIATE")
+            self._begin()
             self.conn.execute(
                 "INSERT INTO webhook_delivery (webhook_id, event_type, payload, received_at) "
                 "VALUES (?, 'customer_seat.claimed', ?, ?)",
