@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from arq.connections import ArqRedis, create_pool
@@ -172,6 +173,21 @@ async def test_the_follow_up_never_waits_past_the_max_wait_after_its_first_chang
         assert not await queue.request_sync(redis, *SUB, window=window)
     score = (await jobs(redis))[follow_up]
     assert before + 300 <= score <= after + 300
+
+
+async def test_the_quiet_period_counts_from_when_the_change_was_received(
+    redis: ArqRedis,
+) -> None:
+    window = queue.SyncWindow(quiet=2.0, max_wait=60.0)
+    assert await queue.request_sync(redis, *SUB, window=window)
+    await start(redis, await waiting_job(redis))
+    received = datetime.now(UTC) - timedelta(seconds=1.5)  # committed only now
+
+    assert await queue.request_sync(redis, *SUB, window=window, changed_at=received)
+
+    [score] = [s for job, s in (await jobs(redis)).items() if job == await waiting_job(redis)]
+    expected = int(received.timestamp() * 1000) + 2000
+    assert expected - 1 <= score <= expected + 1
 
 
 async def test_a_retry_takes_over_the_follow_up_waiting_for_its_scope(redis: ArqRedis) -> None:

@@ -14,6 +14,10 @@ without losing a change:
    SYNC_MAX_WAIT_SECONDS after the first change it covers (arq keeps a job's start time
    as its score in the queue's sorted set; the script moves that score).
 
+Times are those at which the receiver got each change, not when it finished committing
+it: a slow commit must not stretch the gaps between a scope's changes. They only decide
+when a sync runs; that it covers a change comes from the flag alone.
+
 So a burst costs one list call at its start plus one per SYNC_MAX_WAIT_SECONDS it lasts
 (two for a burst shorter than that), and after its last change the mirror reflects a
 fetch that started after it. Every decision is one Lua script, atomic in Redis: the flag,
@@ -25,6 +29,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from arq.connections import ArqRedis, RedisSettings
@@ -99,12 +104,19 @@ async def request_sync(
     *,
     trigger: str = "webhook",
     window: SyncWindow | None = None,
+    changed_at: datetime | None = None,
 ) -> bool:
     """Make sure a sync of the scope will fetch after now (see the module's rules). True
-    when a job was enqueued, False when one already waits (it covers this request)."""
+    when a job was enqueued, False when one already waits (it covers this request).
+
+    `changed_at` is when the change was received (default: now). The quiet period and the
+    maximum wait count from it, so the time the receiver took to commit the delivery does
+    not stretch the gaps between a scope's changes; whatever the times, a fetch starts
+    after this call."""
     window = window or SyncWindow()
     job_id = f"sync:{kind}:{scope_id}:{uuid.uuid4().hex}"
     now = _now_ms()
+    changed = now if changed_at is None else min(now, int(changed_at.timestamp() * 1000))
     payload = serialize_job(
         SYNC_SCOPE,
         (),
@@ -132,6 +144,7 @@ async def request_sync(
             job_key_prefix,
             payload,
             expires_extra_ms,
+            changed,
         ],
     )
     return bool(int(enqueued))
@@ -139,14 +152,19 @@ async def request_sync(
 
 # KEYS: the queued flag, the follow-up's due time, the changed marker, the syncing marker,
 # arq's queue. ARGV: new job id, now (ms), quiet (ms), max wait (ms), flag TTL (s), orphan
-# grace (s), arq's job key prefix, the serialized job, arq's job expiry margin (ms).
+# grace (s), arq's job key prefix, the serialized job, arq's job expiry margin (ms), when
+# the change was received (ms, <= now).
 # Returns 1 when it enqueued a job, 0 when a waiting job covers the request.
 # A flag whose job key is gone and that is older than the grace is an orphan (a job clears
 # its flag when it starts and keeps its job key until it ends) and is replaced.
 _REQUEST_SYNC = """
 local now, quiet, max_wait = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local changed = tonumber(ARGV[10])
 local busy = redis.call('EXISTS', KEYS[3]) == 1 or redis.call('EXISTS', KEYS[4]) == 1
-if quiet > 0 then redis.call('SET', KEYS[3], now, 'PX', quiet) end
+local quiet_for = changed + quiet - now
+if quiet_for > 0 and redis.call('PTTL', KEYS[3]) < quiet_for then
+  redis.call('SET', KEYS[3], changed, 'PX', quiet_for)
+end
 local flagged = redis.call('GET', KEYS[1])
 if flagged then
   local orphan = string.sub(flagged, 1, 5) == 'sync:'
@@ -155,7 +173,7 @@ if flagged then
   if not orphan then
     local due = tonumber(redis.call('GET', KEYS[2]) or '0')
     if due > 0 then
-      local at = math.min(now + quiet, due)
+      local at = math.min(changed + quiet, due)
       local score = redis.call('ZSCORE', KEYS[5], flagged)
       if score and tonumber(score) < at then
         redis.call('ZADD', KEYS[5], 'XX', at, flagged)
@@ -166,8 +184,8 @@ if flagged then
 end
 local at = now
 if busy then
-  at = now + math.min(quiet, max_wait)
-  redis.call('SET', KEYS[2], now + max_wait, 'EX', ARGV[5])
+  at = math.max(now, changed + math.min(quiet, max_wait))
+  redis.call('SET', KEYS[2], changed + max_wait, 'EX', ARGV[5])
 else
   redis.call('DEL', KEYS[2])
 end

@@ -303,7 +303,7 @@ class Receiver:
             return _counted(
                 JSONResponse({"status": "duplicate"}, status_code=200), event_type, "duplicate"
             )
-        enqueued = await self._request_syncs(recorded, bound)
+        enqueued = await self._request_syncs(recorded, bound, received_at)
         bound.info(
             "webhook_accepted",
             scopes=len(recorded.scopes),
@@ -367,7 +367,7 @@ class Receiver:
                 event="webhook_database_unavailable",
             ) from None
 
-    async def _request_syncs(self, recorded: Recorded, bound: Any) -> int:
+    async def _request_syncs(self, recorded: Recorded, bound: Any, received_at: datetime) -> int:
         """Best effort: the inbox row is durable, and the sweeper covers any failure."""
         if self.redis is None or not recorded.scopes:
             return 0
@@ -376,7 +376,11 @@ class Receiver:
             async with asyncio.timeout(ENQUEUE_TIMEOUT_SECONDS):
                 for ref in recorded.scopes:
                     if await queue.request_sync(
-                        self.redis, ref.kind, ref.scope_id, window=self.window
+                        self.redis,
+                        ref.kind,
+                        ref.scope_id,
+                        window=self.window,
+                        changed_at=received_at,
                     ):
                         enqueued += 1
         except Exception as exc:  # Redis down or slow: answer 202 anyway
