@@ -18,11 +18,12 @@ from arq.connections import create_pool
 from sqlalchemy import func, select
 from sqlmodel import col
 
+from tests.support.mirror import inbox_counts, mirror_view, polar_view
 from tests.support.workers import mirror_subscriptions
 from worker import queue
 from worker.config import Settings
 from worker.intake.receiver import running
-from worker.models import Seat, SyncRun, WebhookDelivery, WebhookDeliveryScope
+from worker.models import SyncRun, WebhookDelivery
 from worker.platform.db import create_engine, session_factory
 from worker.schedule.jobs import build_worker
 from worker.simulator.server import SimulatedPolar
@@ -110,50 +111,6 @@ def lists_per_subscription(sim: SimulatedPolar, subs: list[str]) -> dict[str, in
         )
         for sub_id in subs
     }
-
-
-def polar_view(sim: SimulatedPolar, subscription_id: str) -> set[tuple[Any, ...]]:
-    seats = sim.state.list_seats(subscription_id=subscription_id)["seats"]
-    return {(s["id"], s["status"], s["email"], s["member_id"]) for s in seats}
-
-
-async def mirror_view(settings: Settings, subscription_id: str) -> set[tuple[Any, ...]]:
-    engine = create_engine(settings.database_url)
-    try:
-        async with session_factory(engine)() as session:
-            rows = (
-                await session.execute(
-                    select(Seat).where(
-                        col(Seat.subscription_id) == subscription_id, col(Seat.gone_at).is_(None)
-                    )
-                )
-            ).scalars()
-            return {(s.id, s.status, s.email, s.member_id) for s in rows}
-    finally:
-        await engine.dispose()
-
-
-async def inbox_counts(settings: Settings) -> dict[str, int]:
-    engine = create_engine(settings.database_url)
-    try:
-        async with session_factory(engine)() as session:
-
-            async def count(model: Any, *where: Any) -> int:
-                query = select(func.count()).select_from(model).where(*where)
-                return int(await session.scalar(query) or 0)
-
-            return {
-                "deliveries": await count(WebhookDelivery),
-                "open_deliveries": await count(
-                    WebhookDelivery, col(WebhookDelivery.processed_at).is_(None)
-                ),
-                "open_scopes": await count(
-                    WebhookDeliveryScope, col(WebhookDeliveryScope.processed_at).is_(None)
-                ),
-                "ignored": await count(WebhookDelivery, col(WebhookDelivery.outcome) == "ignored"),
-            }
-    finally:
-        await engine.dispose()
 
 
 def all_acknowledged(sim: SimulatedPolar) -> bool:
