@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import time
 
 from bench.common import SEATS_PATH, Figure, percentile, report
 from bench.freshness import Tracker, poll
 from bench.pipeline import pipeline
+from worker.simulator.state import Event
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -36,7 +38,14 @@ async def main(args: argparse.Namespace) -> None:
     ) as line:
         stop = asyncio.Event()
         poller = asyncio.create_task(poll(line, tracker, stop))
-        tasks: list[asyncio.Task[int]] = []
+        tasks: list[asyncio.Task[None]] = []
+        sent_at: list[float] = []
+        acked_at: list[float] = []
+
+        async def send(event: Event) -> None:
+            await line.post(event)
+            acked_at.append(time.monotonic())
+
         total = round(args.seconds / args.interval)
         started = time.monotonic()
         for number in range(total):
@@ -44,8 +53,9 @@ async def main(args: argparse.Namespace) -> None:
             if (delay := due - time.monotonic()) > 0:
                 await asyncio.sleep(delay)
             event = line.mutate(line.scopes[0])
-            tracker.expect(event.data, time.monotonic())
-            tasks.append(asyncio.create_task(line.post(event)))
+            sent_at.append(time.monotonic())
+            tracker.expect(event.data, sent_at[-1])
+            tasks.append(asyncio.create_task(send(event)))
         sent_for = time.monotonic() - started
         await asyncio.gather(*tasks)
         for _ in range(round((2 * line.window.max_wait + 30) / 0.05)):  # the last follow-up
@@ -66,6 +76,15 @@ async def main(args: argparse.Namespace) -> None:
     p50, p99 = percentile(lags, 50), percentile(lags, 99)
     bound = 1 + args.seconds / window.max_wait
     offsets = [round(t - call_times[0], 2) for t in call_times]
+    # A gap of a quiet period in the stream ends it: the next change starts another burst.
+    long_gaps = {
+        what: [
+            (round(b - started, 2), round(b - a, 3))
+            for a, b in itertools.pairwise(sorted(times))
+            if b - a >= window.quiet
+        ]
+        for what, times in (("sent", sent_at), ("acked", acked_at))
+    }
     figures = [
         Figure(
             "changes sent",
@@ -87,6 +106,11 @@ async def main(args: argparse.Namespace) -> None:
             f"<= {window.max_wait + 1:g} s",
             p99 <= window.max_wait + 1,
         ),
+        Figure(
+            "gaps >= the quiet period in the stream",
+            f"sent {len(long_gaps['sent'])}, acked {len(long_gaps['acked'])}",
+            "each one splits the stream (a leading edge after it)",
+        ),
         Figure("changes never seen", missing, "", "0", missing == 0),
         Figure("mirror equals Polar when quiet", str(final_ok), "", "True", final_ok),
     ]
@@ -97,6 +121,7 @@ async def main(args: argparse.Namespace) -> None:
             "parameters": vars(args),
             "window": {"quiet_s": window.quiet, "max_wait_s": window.max_wait},
             "list_calls_at_s": offsets,
+            "gaps_over_quiet_at_s": long_gaps,
             "p50_s": p50,
         },
     )
