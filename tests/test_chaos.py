@@ -123,7 +123,8 @@ async def run_storm(database_url: str, redis_url: str, seed: int, profile: Profi
         polar_timeout_seconds=0.3,  # a hung list call times out quickly
         sync_retry_base_seconds=0.05,
         sync_max_tries=12,
-        sync_min_interval_seconds=profile.min_interval,
+        sync_quiet_seconds=profile.quiet,
+        sync_max_wait_seconds=profile.max_wait,
         resync_concurrency=2,
         polar_webhook_secret=sim.webhooks.secret,  # generated as Polar does today
     )

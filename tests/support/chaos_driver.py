@@ -67,7 +67,8 @@ class Profile:
     latency: float = 0.05  # max time a seat list is in flight (redrawn at every operation)
     # Follow-up syncs of a scope wait this long after the previous one started (the
     # deferred-job path; the default second would leave the mirror few states to show).
-    min_interval: float = 0.1
+    quiet: float = 0.1
+    max_wait: float = 0.5
 
 
 # ---------------------------------------------------------------------- Polar's truth

@@ -241,7 +241,11 @@ async def remind_expiring(
                 await _record_reminder(resources, row_id, "not_pending", str(exc))
                 if resources.redis is not None:
                     await queue.request_sync(
-                        resources.redis, item.scope_kind, item.scope_id, trigger="reminder"
+                        resources.redis,
+                        item.scope_kind,
+                        item.scope_id,
+                        trigger="reminder",
+                        window=queue.SyncWindow.of(resources.settings),
                     )
                 report.count("not_pending")
             elif exc.error == "InvalidInvitationToken":
@@ -355,7 +359,13 @@ async def _advance_renewal(
 
 async def _request_scope_sync(resources: PolarResources, row: InvitationRenewal) -> None:
     if resources.redis is not None:
-        await queue.request_sync(resources.redis, row.scope_kind, row.scope_id, trigger="renewal")
+        await queue.request_sync(
+            resources.redis,
+            row.scope_kind,
+            row.scope_id,
+            trigger="renewal",
+            window=queue.SyncWindow.of(resources.settings),
+        )
 
 
 async def _revoke_then_assign(
