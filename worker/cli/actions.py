@@ -141,15 +141,7 @@ def revoke(
     """Revoke a seat (its holder loses access), then re-sync it into the mirror."""
     from worker.process.oneshot import revoke_seat
 
-    settings = settings_from_env()
-    settings.require_token()
-    full_id, scope = _known_scope(seat_id)
-    done = _run(
-        revoke_seat(settings, full_id, known_scope=scope, on_retry=announce_retry),
-        seat=full_id,
-        missing=f"seat {full_id}",
-    )
-    _report(done, "revoked", fmt)
+    _act_on_seat(seat_id, revoke_seat, "revoked", fmt)
 
 
 @commands.command()
@@ -160,12 +152,17 @@ def resend(
     """E-mail a pending invitation again (the same link; its expiry does not move)."""
     from worker.process.oneshot import resend_invitation
 
+    _act_on_seat(seat_id, resend_invitation, "invitation resent for", fmt)
+
+
+def _act_on_seat(seat_id: str, action: Any, verb: str, fmt: OutputFormat) -> None:
+    """Resolve a (short) seat id against the mirror, run one seat action, report it."""
     settings = settings_from_env()
     settings.require_token()
     full_id, scope = _known_scope(seat_id)
     done = _run(
-        resend_invitation(settings, full_id, known_scope=scope, on_retry=announce_retry),
+        action(settings, full_id, known_scope=scope, on_retry=announce_retry),
         seat=full_id,
         missing=f"seat {full_id}",
     )
-    _report(done, "invitation resent for", fmt)
+    _report(done, verb, fmt)
