@@ -17,7 +17,7 @@ from worker import queue
 from worker.intake import routing
 from worker.intake.routing import ScopeRef
 from worker.models import WebhookDelivery, WebhookDeliveryScope, utcnow
-from worker.platform.db import insert_ignoring_conflict, retry_transaction
+from worker.platform.db import driver_statements, insert_ignoring_conflict, retry_transaction
 
 log = structlog.get_logger("worker.intake.inbox")
 
@@ -42,55 +42,44 @@ async def mark_scope_synced(
     sync_run_id: int | None,
 ) -> int:
     """In the reconcile's transaction: every delivery for this scope recorded before the
-    fetch started is answered by it; a delivery is processed once all its scopes are."""
-    answered = (
-        (
-            await session.execute(
-                update(WebhookDeliveryScope)
-                .where(
-                    col(col(WebhookDeliveryScope.scope_kind)) == kind,
-                    col(col(WebhookDeliveryScope.scope_id)) == scope_id,
-                    col(WebhookDeliveryScope.processed_at).is_(None),
-                    col(col(WebhookDeliveryScope.received_at)) <= fetched_after,
-                )
-                .values(processed_at=now, sync_run_id=sync_run_id)
-                .returning(col(WebhookDeliveryScope.webhook_id))
-            )
-        )
-        .scalars()
-        .all()
+    fetch started is answered by it; a delivery is processed once all its scopes are.
+
+    Driver statements (every sync runs this, most often with nothing to answer)."""
+    db = await driver_statements(session)
+    m = db.mark
+    answered = await db.fetch(
+        "UPDATE webhook_delivery_scope "  # noqa: S608 (placeholders only)
+        f"SET processed_at = {m(1)}, sync_run_id = {m(2)} "
+        f"WHERE scope_kind = {m(3)} AND scope_id = {m(4)} AND processed_at IS NULL "
+        f"AND received_at <= {m(5)} RETURNING webhook_id",
+        (db.timestamp(now), sync_run_id, kind, scope_id, db.timestamp(fetched_after)),
     )
     if not answered:
         return 0
-    still_open = exists().where(
-        and_(
-            col(col(WebhookDeliveryScope.webhook_id)) == WebhookDelivery.webhook_id,
-            col(WebhookDeliveryScope.processed_at).is_(None),
+    ids = sorted({row[0] for row in answered})
+    params: list[Any]
+    if db.dialect == "sqlite":
+        # SQLite serialises writers: nothing to lock, the ids travel as one JSON array.
+        chosen, params = "IN (SELECT value FROM json_each(?1))", [json.dumps(ids)]
+    else:
+        # Lock the deliveries before closing them: two syncs answering different scopes of
+        # one delivery at once would each still see the other's scope open, and neither
+        # would close it. The second waits here for the first to commit; its UPDATE then
+        # sees it.
+        chosen, params = "= ANY($1::varchar[])", [ids]
+        await db.execute(
+            f"SELECT webhook_id FROM webhook_delivery WHERE webhook_id {chosen} "  # noqa: S608
+            "ORDER BY webhook_id FOR UPDATE",
+            params,
         )
+    await db.execute(
+        f"UPDATE webhook_delivery SET processed_at = {m(2)}, outcome = 'synced' "  # noqa: S608 (placeholders only)
+        f"WHERE webhook_id {chosen} AND processed_at IS NULL AND NOT EXISTS ("
+        "SELECT 1 FROM webhook_delivery_scope s "
+        "WHERE s.webhook_id = webhook_delivery.webhook_id AND s.processed_at IS NULL)",
+        [*params, db.timestamp(now)],
     )
-    # Lock the deliveries before closing them: two syncs answering different scopes of one
-    # delivery at once would each still see the other's scope open, and neither would
-    # close it. The second waits here for the first to commit; its UPDATE then sees it.
-    # (SQLite serialises writers, so there FOR UPDATE is not needed and not emitted.)
-    answered = sorted(set(answered))
-    for start in range(0, len(answered), 500):
-        chunk = list(answered[start : start + 500])
-        await session.execute(
-            select(col(WebhookDelivery.webhook_id))
-            .where(col(WebhookDelivery.webhook_id).in_(chunk))
-            .order_by(col(WebhookDelivery.webhook_id))
-            .with_for_update()
-        )
-        await session.execute(
-            update(WebhookDelivery)
-            .where(
-                col(WebhookDelivery.webhook_id).in_(chunk),
-                col(WebhookDelivery.processed_at).is_(None),
-                ~still_open,
-            )
-            .values(processed_at=now, outcome="synced")
-        )
-    return len(answered)
+    return len(ids)
 
 
 # ---------------------------------------------------------------------- recording

@@ -6,16 +6,18 @@ import asyncio
 import sqlite3
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError, StatementError
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -248,3 +250,125 @@ async def retry_transaction(
                 raise
             await asyncio.sleep(base_delay * 2 ** (attempt - 1))
     raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------------- driver statements
+
+
+class DriverStatements:
+    """Plain SQL on the connection of a session's transaction, for the few hot paths that
+    must run at the speed of the driver (reconcile, answering the inbox): no compilation,
+    no bind or result processing, rows as the driver returns them.
+
+    SQL is written in the backend's own parameter style (`mark(n)`), values already in the
+    form the database stores. Errors are SQLAlchemy's, as from any other statement.
+    """
+
+    dialect: str
+
+    @staticmethod
+    def mark(position: int) -> str:
+        """The placeholder of the `position`-th parameter (1-based)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def timestamp(value: datetime) -> Any:
+        """An aware datetime in the form a UTCDateTime column stores it."""
+        raise NotImplementedError
+
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Sequence[Any]]:
+        raise NotImplementedError
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
+        await self.fetch(sql, params)
+
+    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        raise NotImplementedError
+
+
+class _SQLiteStatements(DriverStatements):
+    """Straight on the aiosqlite connection: one hop to its thread per statement, where
+    SQLAlchemy's adapter takes four (cursor, execute, fetch, close): 75 vs 350 µs each."""
+
+    dialect = "sqlite"
+
+    def __init__(self, driver: Any) -> None:
+        self._driver = driver
+
+    @staticmethod
+    def mark(position: int) -> str:
+        return f"?{position}"  # numbered: the same SQL shape as PostgreSQL's $n
+
+    @staticmethod
+    def timestamp(value: datetime) -> Any:
+        # What UTCDateTime and SQLAlchemy's SQLite DATETIME store: naive UTC text with
+        # microseconds, which sorts and compares as the instants do.
+        return value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Sequence[Any]]:
+        try:
+            return list(await self._driver.execute_fetchall(sql, params))
+        except sqlite3.Error as exc:
+            raise _translated(sql, exc) from exc
+
+    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        try:
+            async with self._driver.executemany(sql, rows):
+                pass
+        except sqlite3.Error as exc:
+            raise _translated(sql, exc) from exc
+
+
+def _translated(sql: str, exc: Exception) -> StatementError:
+    # What SQLAlchemy would raise (sqlite3: OperationalError for "database is locked";
+    # asyncpg: DBAPIError naming the driver's error, "deadlock detected", "connection was
+    # closed"...), so `is_retryable_db_error` and retries see what they always saw.
+    # Parameters hidden: they are seat data, not for logs.
+    return DBAPIError.instance(sql, None, exc, Exception, hide_parameters=True)
+
+
+class _AsyncpgStatements(DriverStatements):
+    """Straight on the asyncpg connection once SQLAlchemy's adapter has begun the
+    transaction (it begins it lazily, with its first statement: that one goes through
+    it). Loading 100 seat rows: 0.65 ms here, 1.0 ms through `exec_driver_sql`."""
+
+    dialect = "postgresql"
+
+    def __init__(self, conn: AsyncConnection, driver: Any) -> None:
+        self._conn = conn
+        self._driver = driver
+
+    @staticmethod
+    def mark(position: int) -> str:
+        return f"${position}"
+
+    @staticmethod
+    def timestamp(value: datetime) -> Any:
+        return value.astimezone(UTC)
+
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Sequence[Any]]:
+        if not self._driver.is_in_transaction():
+            result = await self._conn.exec_driver_sql(sql, tuple(params))
+            return list(result.all()) if result.returns_rows else []
+        try:
+            return list(await self._driver.fetch(sql, *params))
+        except Exception as exc:
+            raise _translated(sql, exc) from exc
+
+    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        if not self._driver.is_in_transaction():
+            await self._conn.exec_driver_sql(sql, [tuple(row) for row in rows])
+            return
+        try:
+            await self._driver.executemany(sql, rows)
+        except Exception as exc:
+            raise _translated(sql, exc) from exc
+
+
+async def driver_statements(session: AsyncSession) -> DriverStatements:
+    """Driver statements inside `session`'s transaction (begun here if it was not)."""
+    conn = await session.connection()
+    if conn.dialect.name == "sqlite":
+        return _SQLiteStatements((await conn.get_raw_connection()).driver_connection)
+    raw = await conn.get_raw_connection()
+    return _AsyncpgStatements(conn, raw.driver_connection)

@@ -42,12 +42,12 @@ from typing import Any
 
 from pydantic_core import TzInfo
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
 from worker.intake import inbox
 from worker.models import SeatScope
-from worker.platform.db import insert_ignoring_conflict
+from worker.platform.db import DriverStatements, driver_statements, insert_ignoring_conflict
 from worker.polar.schemas import CustomerSeat, SeatsList
 
 # Columns Polar owns; `synced_at` and `gone_at` are ours.
@@ -314,28 +314,26 @@ class _Backend:
         """("id", *POLAR_COLUMNS) of one seat, every value in storage form."""
         return _Converter(self).row(seat)
 
-    async def claim_scope(self, conn: AsyncConnection, values: Row) -> bool:
+    async def claim_scope(self, db: DriverStatements, values: Row) -> bool:
         """Write the scope's new state unless a newer fetch landed; True when written."""
-        result = await conn.exec_driver_sql(self.claim_sql, values)
-        return result.first() is not None
+        return bool(await db.fetch(self.claim_sql, values))
 
-    async def load_scope(self, conn: AsyncConnection, kind: str, scope_id: str) -> list[Row]:
-        result = await conn.exec_driver_sql(self.load_sql[kind], (scope_id,))
-        return list(result.all())
+    async def load_scope(self, db: DriverStatements, kind: str, scope_id: str) -> list[Row]:
+        return [tuple(row) for row in await db.fetch(self.load_sql[kind], (scope_id,))]
 
     async def insert_new(
-        self, conn: AsyncConnection, rows: list[Row], now: Any
+        self, db: DriverStatements, rows: list[Row], now: Any
     ) -> tuple[set[str], list[Row]]:
         """Insert `rows` where their id is free: (inserted ids, stored rows of the others)."""
         raise NotImplementedError
 
-    async def update(self, conn: AsyncConnection, rows: list[Row], now: Any) -> None:
+    async def update(self, db: DriverStatements, rows: list[Row], now: Any) -> None:
         raise NotImplementedError
 
-    async def mark_gone(self, conn: AsyncConnection, ids: list[str], now: Any) -> None:
+    async def mark_gone(self, db: DriverStatements, ids: list[str], now: Any) -> None:
         raise NotImplementedError
 
-    async def add_history(self, conn: AsyncConnection, rows: list[Row]) -> None:
+    async def add_history(self, db: DriverStatements, rows: list[Row]) -> None:
         raise NotImplementedError
 
 
@@ -414,25 +412,24 @@ class _SQLite(_Backend):
         return super().same(column, stored, new)
 
     async def insert_new(
-        self, conn: AsyncConnection, rows: list[Row], now: Any
+        self, db: DriverStatements, rows: list[Row], now: Any
     ) -> tuple[set[str], list[Row]]:
         ids = [row[0] for row in rows]
-        result = await conn.exec_driver_sql(self.probe_sql, (json.dumps(ids),))
-        strays: list[Row] = list(result.all())
+        strays = [tuple(row) for row in await db.fetch(self.probe_sql, (json.dumps(ids),))]
         taken = {row[0] for row in strays}
         fresh = [(*row, now) for row in rows if row[0] not in taken]
         if fresh:
-            await conn.exec_driver_sql(self.insert_sql, fresh)
+            await db.executemany(self.insert_sql, fresh)
         return {row[0] for row in fresh}, strays
 
-    async def update(self, conn: AsyncConnection, rows: list[Row], now: Any) -> None:
-        await conn.exec_driver_sql(self.update_sql, [(*row[1:], now, row[0]) for row in rows])
+    async def update(self, db: DriverStatements, rows: list[Row], now: Any) -> None:
+        await db.executemany(self.update_sql, [(*row[1:], now, row[0]) for row in rows])
 
-    async def mark_gone(self, conn: AsyncConnection, ids: list[str], now: Any) -> None:
-        await conn.exec_driver_sql(self.gone_sql, (now, now, json.dumps(ids)))
+    async def mark_gone(self, db: DriverStatements, ids: list[str], now: Any) -> None:
+        await db.execute(self.gone_sql, (now, now, json.dumps(ids)))
 
-    async def add_history(self, conn: AsyncConnection, rows: list[Row]) -> None:
-        await conn.exec_driver_sql(self.history_sql, rows)
+    async def add_history(self, db: DriverStatements, rows: list[Row]) -> None:
+        await db.executemany(self.history_sql, rows)
 
 
 class _PostgreSQL(_Backend):
@@ -496,24 +493,24 @@ class _PostgreSQL(_Backend):
         return self._naive_utc(value).replace(tzinfo=UTC)
 
     async def insert_new(
-        self, conn: AsyncConnection, rows: list[Row], now: Any
+        self, db: DriverStatements, rows: list[Row], now: Any
     ) -> tuple[set[str], list[Row]]:
-        result = await conn.exec_driver_sql(self.insert_sql, (*_columns(rows, _WIDTH), now))
-        inserted = {row[0] for row in result.all()}
+        result = await db.fetch(self.insert_sql, (*_columns(rows, _WIDTH), now))
+        inserted = {row[0] for row in result}
         if len(inserted) == len(rows):
             return inserted, []
         taken = [row[0] for row in rows if row[0] not in inserted]
-        found = await conn.exec_driver_sql(self.probe_sql, (taken,))
-        return inserted, list(found.all())
+        found = await db.fetch(self.probe_sql, (taken,))
+        return inserted, [tuple(row) for row in found]
 
-    async def update(self, conn: AsyncConnection, rows: list[Row], now: Any) -> None:
-        await conn.exec_driver_sql(self.update_sql, (*_columns(rows, _WIDTH), now))
+    async def update(self, db: DriverStatements, rows: list[Row], now: Any) -> None:
+        await db.execute(self.update_sql, (*_columns(rows, _WIDTH), now))
 
-    async def mark_gone(self, conn: AsyncConnection, ids: list[str], now: Any) -> None:
-        await conn.exec_driver_sql(self.gone_sql, (now, ids))
+    async def mark_gone(self, db: DriverStatements, ids: list[str], now: Any) -> None:
+        await db.execute(self.gone_sql, (now, ids))
 
-    async def add_history(self, conn: AsyncConnection, rows: list[Row]) -> None:
-        await conn.exec_driver_sql(self.history_sql, _columns(rows, len(_CHANGE_COLUMNS)))
+    async def add_history(self, db: DriverStatements, rows: list[Row]) -> None:
+        await db.execute(self.history_sql, _columns(rows, len(_CHANGE_COLUMNS)))
 
 
 def _columns(rows: Sequence[Row], width: int) -> tuple[list[Any], ...]:
@@ -654,9 +651,9 @@ async def reconcile_scope(
     fresh = {seat.id: convert(seat) for seat in seats.seats}
 
     # 2. Claim the scope.
-    conn = await session.connection()
+    db = await driver_statements(session)
     claimed = await backend.claim_scope(
-        conn,
+        db,
         (
             kind,
             scope_id,
@@ -674,11 +671,11 @@ async def reconcile_scope(
         return result
 
     # 3. Load, 4. insert what is new.
-    stored = {row[0]: row for row in await backend.load_scope(conn, kind, scope_id)}
+    stored = {row[0]: row for row in await backend.load_scope(db, kind, scope_id)}
     new_rows = [row for seat_id, row in fresh.items() if seat_id not in stored]
     inserted: set[str] = set()
     if new_rows:
-        inserted, strays = await backend.insert_new(conn, new_rows, stamp)
+        inserted, strays = await backend.insert_new(db, new_rows, stamp)
         stored.update((row[0], row) for row in strays)
 
     # 5. Diff, 6. write.
@@ -692,11 +689,11 @@ async def reconcile_scope(
         sync_run_id=sync_run_id,
     )
     if plan.updates:
-        await backend.update(conn, plan.updates, stamp)
+        await backend.update(db, plan.updates, stamp)
     if plan.gone:
-        await backend.mark_gone(conn, plan.gone, stamp)
+        await backend.mark_gone(db, plan.gone, stamp)
     if plan.history:
-        await backend.add_history(conn, plan.history)
+        await backend.add_history(db, plan.history)
 
     # 7. Answer the inbox.
     await inbox.mark_scope_synced(
