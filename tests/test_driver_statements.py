@@ -79,16 +79,8 @@ async def test_a_failing_driver_statement_rolls_back_and_hides_its_parameters(
 
 
 async def test_the_first_driver_statement_of_a_transaction_hides_its_parameters_too(
-    engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession], request: pytest.FixtureRequest
+    sessions: async_sessionmaker[AsyncSession],
 ) -> None:
-    if engine.dialect.name == "postgresql":
-        # PostgreSQL's first statement goes through SQLAlchemy's exec_driver_sql (so that
-        # its adapter begins the transaction) and is not translated: its error shows
-        # "[parameters: (...)]". Remove this marker once it hides them.
-        request.applymarker(
-            pytest.mark.xfail(reason="exec_driver_sql path shows parameters", strict=True)
-        )
-
     async def fail_first() -> None:
         async with transaction(sessions) as session:
             db = await driver_statements(session)

@@ -98,13 +98,14 @@ def create_engine(
             full = f"sqlite+aiosqlite:///file:{path}?mode=ro&uri=true"
         elif path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(full, connect_args=connect_args)
+        engine = create_async_engine(full, connect_args=connect_args, hide_parameters=True)
         _configure_sqlite(engine, read_only=read_only, lock_poll_seconds=lock_poll_seconds)
         if not read_only:
             _WRITE_LOCKS[engine.sync_engine] = weakref.WeakKeyDictionary()
         return engine
     engine = create_async_engine(
         full,
+        hide_parameters=True,  # errors and logs never carry seat data or e-mails
         pool_size=pool_size,
         max_overflow=pool_size,
         connect_args={
@@ -142,8 +143,8 @@ def _ping_on_checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
     (PostgreSQL restarted, connection cut): SQLAlchemy's documented meaning of a
     DisconnectionError raised at checkout."""
     checked_in_at = record.info.get("checked_in_at")
-    if checked_in_at is not None and time.monotonic() - checked_in_at < PING_AFTER_IDLE_SECONDS:
-        return
+    if checked_in_at is None or time.monotonic() - checked_in_at < PING_AFTER_IDLE_SECONDS:
+        return  # just connected, or used a moment ago
     try:
         await_only(dbapi_connection.driver_connection.fetchval("SELECT 1"))
     except Exception as exc:
