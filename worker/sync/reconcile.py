@@ -6,7 +6,8 @@ serialised), and an older fetch never overwrites the state written by a newer on
 
 `reconcile_scope` aims at the speed of the driver: it converts every value into the form the
 driver stores exactly once, compares and writes those without per-value bind or result
-processing, and runs a handful of statements per scope whatever the number of seats:
+processing, and runs a handful of statements per scope whatever the number of seats, each
+straight on the driver connection of the session's transaction (`driver_statements`):
 
 1. **Convert.** Polar's list becomes storage rows: one tuple per seat, every timestamp
    already in the database's form (SQLite: naive UTC text `YYYY-MM-DD HH:MM:SS.ffffff`;
