@@ -9,6 +9,10 @@ import time
 from collections.abc import Awaitable, Callable
 
 import httpx
+from arq.connections import ArqRedis
+from arq.jobs import Job
+
+from worker import queue
 
 
 async def eventually(
@@ -47,3 +51,41 @@ async def until_answering(
             return False
 
         await eventually(answers, within=within, what=what, every=every)
+
+
+async def sync_activity(redis_url: str) -> list[str]:
+    """Every scope sync the queue still has: a `sync_scope` job waiting, deferred or
+    running (arq keeps a job in its queue until it ends, retries included), a scope whose
+    sync is flagged as waiting, or one marked as running (worker.queue's coalescing keys).
+    Empty when no sync is due. Other jobs are left out: a unique cron job enqueued twice
+    (two workers, one slot) waits up to a minute behind its twin's kept in-progress key."""
+    redis = ArqRedis.from_url(redis_url)
+    try:
+        found: list[str] = []
+        for raw in await redis.zrange(queue.QUEUE_NAME, 0, -1):
+            job_id = raw.decode()
+            info = await Job(job_id, redis, _queue_name=queue.QUEUE_NAME).info()
+            if info is None or info.function == queue.SYNC_SCOPE:
+                found.append(f"job {job_id}")
+        for state, pattern in (
+            ("waiting", queue.queued_key("*", "*")),
+            ("running", queue.syncing_key("*", "*")),
+        ):
+            found += [f"{state}: {key.decode()}" async for key in redis.scan_iter(pattern)]
+        return found
+    finally:
+        await redis.aclose()
+
+
+async def until_syncs_done(redis_url: str, *, within: float, every: float = 0.1) -> None:
+    """Wait until no scope sync waits, is deferred or runs (`sync_activity`). Call it once
+    nothing will request a sync any more (webhooks delivered, inbox answered): a trailing
+    follow-up starts up to SYNC_MAX_WAIT_SECONDS after a change, so the mirror can be
+    right while syncs are still due, and stopping the workers then cancels them."""
+    left: list[str] = []
+
+    async def done() -> bool:
+        left[:] = await sync_activity(redis_url)
+        return not left
+
+    await eventually(done, within=within, every=every, what=lambda: f"syncs still due: {left[:10]}")
