@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -237,3 +238,30 @@ async def test_without_the_member_model_history_names_the_customer_email(
         ("created", None, "legacy@example.com"),
         ("status", "legacy@example.com", None),
     ]
+
+
+async def test_a_cancel_just_after_the_reconcile_committed_leaves_the_run_ok(
+    sim: SimulatedPolar, services: PolarResources, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Shutdown cancels running jobs; one may land between the reconcile's commit and the
+    # job's return. The sync happened: it must not be recorded as a failure.
+    sub_id = populated(sim)
+
+    class CancelWhenCounted:
+        def labels(self, **_labels: str) -> CancelWhenCounted:
+            return self
+
+        def inc(self) -> None:
+            raise asyncio.CancelledError
+
+    monkeypatch.setattr("worker.sync.scope.metrics.SYNCS", CancelWhenCounted())
+    with pytest.raises(asyncio.CancelledError):
+        await sync_scope(services, kind="subscription", scope_id=sub_id)
+
+    async with services.sessions() as session:
+        scope = await session.get(SeatScope, ("subscription", sub_id))
+        runs = (await session.execute(select(SyncRun))).scalars().all()
+    assert scope is not None
+    assert (scope.consecutive_failures, scope.last_error) == (0, None)
+    assert [(run.status, run.error) for run in runs] == [("ok", None)]
+    assert len(await mirror(services)) == 3

@@ -58,8 +58,10 @@ async def _finish_failed(
 ) -> None:
     async def work(session: AsyncSession) -> None:
         now = utcnow()
-        await record_failure(session, kind=kind, scope_id=scope_id, error=error, now=now)
         run = await session.get(SyncRun, run_id)
+        if run is not None and run.finished_at is not None:
+            return  # cancelled just after its reconcile committed: the run succeeded
+        await record_failure(session, kind=kind, scope_id=scope_id, error=error, now=now)
         if run is not None:
             run.status, run.error, run.finished_at, run.errors = "failed", error[:2000], now, 1
 
