@@ -5,6 +5,7 @@ are pinged after an idle spell, so one the server dropped is replaced before it 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
@@ -394,3 +395,59 @@ async def test_a_reconcile_whose_connection_dies_mid_transaction_is_retried_whol
     assert attempts == 2
     assert result.inserted == 2
     assert await mirrored_emails(pg_sessions) == {s.id: s.email for s in listing.seats}
+
+
+# ---------------------------------------------------------------------- SQLite's write lock
+
+
+@pytest.mark.parametrize("poll", [None, 0.003], ids=["busy-handler", "polled"])
+async def test_a_sqlite_writer_waits_for_the_lock_another_process_holds(
+    database_url: str, poll: float | None
+) -> None:
+    if not database_url.startswith("sqlite"):
+        pytest.skip("SQLite's single writer")
+    path = platform_db.sqlite_path(database_url)
+    assert path is not None
+    engine = platform_db.create_engine(database_url, lock_poll_seconds=poll)
+    sessions = platform_db.session_factory(engine)
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+
+        async def write() -> None:
+            async with transaction(sessions) as session:
+                db = await driver_statements(session)
+                await db.execute("UPDATE seat_scope SET consecutive_failures = 0")
+
+        writer = asyncio.create_task(write())
+        await asyncio.sleep(0.3)
+        assert not writer.done()  # still waiting for the lock
+        holder.execute("COMMIT")
+        await asyncio.wait_for(writer, timeout=5)
+    finally:
+        holder.close()
+        await engine.dispose()
+
+
+async def test_a_polled_sqlite_writer_gives_up_with_a_retryable_error(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not database_url.startswith("sqlite"):
+        pytest.skip("SQLite's single writer")
+    path = platform_db.sqlite_path(database_url)
+    assert path is not None
+    monkeypatch.setattr(platform_db, "SQLITE_BUSY_TIMEOUT_MS", 300)
+    engine = platform_db.create_engine(database_url, lock_poll_seconds=0.003)
+    sessions = platform_db.session_factory(engine)
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        with pytest.raises(OperationalError) as raised:
+            async with transaction(sessions) as session:
+                await session.connection()
+        assert "database is locked" in str(raised.value)
+        assert is_retryable_db_error(raised.value)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+        await engine.dispose()
