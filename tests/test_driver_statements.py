@@ -451,3 +451,32 @@ async def test_a_polled_sqlite_writer_gives_up_with_a_retryable_error(
         holder.execute("ROLLBACK")
         holder.close()
         await engine.dispose()
+
+
+async def test_a_sqlite_connection_returned_inside_a_transaction_is_rolled_back(
+    database_url: str,
+) -> None:
+    # The pool does not roll back every returned connection (a thread hop each): only one
+    # still inside a transaction, which would otherwise keep SQLite's write lock.
+    if not database_url.startswith("sqlite"):
+        pytest.skip("SQLite's pool reset")
+    path = platform_db.sqlite_path(database_url)
+    assert path is not None
+    engine = platform_db.create_engine(database_url)
+    try:
+        async with engine.connect() as conn:
+            driver = (await conn.get_raw_connection()).driver_connection
+            await driver.execute_fetchall("BEGIN IMMEDIATE")
+            await driver.execute_fetchall(
+                "INSERT INTO seat_scope (kind, scope_id, created_at, consecutive_failures) "
+                "VALUES ('subscription', 'left-open', '2026-12-01 00:00:00.000000', 0)"
+            )
+        other = sqlite3.connect(path, timeout=0, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")  # "database is locked" if it were still held
+            assert other.execute("SELECT count(*) FROM seat_scope").fetchone() == (0,)
+            other.execute("ROLLBACK")
+        finally:
+            other.close()
+    finally:
+        await engine.dispose()
