@@ -15,6 +15,7 @@ from sqlalchemy import (
     DateTime,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     TypeDecorator,
@@ -93,6 +94,9 @@ class Seat(SQLModel, table=True):
     # Ours, not Polar's.
     gone_at: datetime | None = _ts()
     synced_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    # 8-byte digest of Polar's columns as seat-sync last wrote them, so a resync can skip an
+    # unchanged row; the seat_polar_digest_guard trigger nulls it when anyone else edits one.
+    polar_digest: bytes | None = Field(default=None, sa_column=Column(LargeBinary))
 
 
 class SeatScope(SQLModel, table=True):
