@@ -16,6 +16,7 @@ from sqlalchemy import (
     BigInteger,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     TypeDecorator,
@@ -101,6 +102,8 @@ def doc_type(column: Any) -> str:
         kind = kind.impl_instance
     if isinstance(kind, JSON):
         return "json"
+    if isinstance(kind, LargeBinary):
+        return "bytes"
     if isinstance(kind, BigInteger):
         return "bigint id"
     if isinstance(kind, Integer):
