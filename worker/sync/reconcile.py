@@ -36,9 +36,11 @@ straight on the driver connection of the session's transaction (`driver_statemen
 from __future__ import annotations
 
 import json
+import marshal
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timezone, tzinfo
+from hashlib import blake2b
 from operator import itemgetter
 from typing import Any
 
@@ -323,12 +325,43 @@ class _Converter:
         )
 
 
+def _digest(text_row: Row) -> bytes:
+    """8 bytes that change whenever any of a seat's values does, the same in every process:
+    marshal format 0 serialises by value alone (no references, no interning marks), and
+    blake2b makes an unnoticed change a 2^-64 chance."""
+    return blake2b(marshal.dumps(text_row, 0), digest_size=8).digest()
+
+
+def _converted(
+    backend: _Backend, seats: Sequence[CustomerSeat]
+) -> tuple[Callable[[str], Row], dict[str, bytes]]:
+    """Each seat's digest, and a lookup of its storage row by id.
+
+    The digest is taken over the row in SQLite's storage form (text, None): on SQLite that
+    is the storage row itself; on PostgreSQL (datetimes) the storage row of a seat is
+    converted only when the seat has to be compared or written."""
+    text_row = _Converter(_TEXT_FORM).row
+    digests: dict[str, bytes] = {}
+    if backend is _TEXT_FORM:
+        rows: dict[str, Row] = {}
+        for seat in seats:
+            row = rows[seat.id] = text_row(seat)
+            digests[seat.id] = _digest(row)
+        return rows.__getitem__, digests
+    by_id: dict[str, CustomerSeat] = {}
+    for seat in seats:
+        by_id[seat.id] = seat
+        digests[seat.id] = _digest(text_row(seat))
+    storage_row = _Converter(backend).row
+    return lambda seat_id: storage_row(by_id[seat_id]), digests
+
+
 class _Backend:
     """How one database stores values, and the few statements reconcile runs on it."""
 
     name = ""
     claim_sql: str
-    load_sql: dict[str, str]
+    digest_sql: dict[str, str]
     # The fixed-offset tzinfo last seen at offset zero: pydantic parses every "Z" of a
     # list into one shared object, so each timestamp costs an identity check, not a call.
     _zero: tzinfo | None = None
@@ -368,16 +401,28 @@ class _Backend:
         """Write the scope's new state unless a newer fetch landed; True when written."""
         return bool(await db.fetch(self.claim_sql, values))
 
-    async def load_scope(self, db: DriverStatements, kind: str, scope_id: str) -> list[Row]:
-        return [tuple(row) for row in await db.fetch(self.load_sql[kind], (scope_id,))]
+    async def load_digests(self, db: DriverStatements, kind: str, scope_id: str) -> list[Row]:
+        """(id, polar_digest, gone_at) of every stored seat of the scope."""
+        return [tuple(row) for row in await db.fetch(self.digest_sql[kind], (scope_id,))]
+
+    async def load_rows(self, db: DriverStatements, ids: list[str]) -> list[Row]:
+        """The stored rows (`_LOAD_COLUMNS`) of these seat ids."""
+        raise NotImplementedError
 
     async def insert_new(
-        self, db: DriverStatements, rows: list[Row], now: Any
+        self, db: DriverStatements, rows: list[Row], digests: dict[str, bytes], now: Any
     ) -> tuple[set[str], list[Row]]:
         """Insert `rows` where their id is free: (inserted ids, stored rows of the others)."""
         raise NotImplementedError
 
-    async def update(self, db: DriverStatements, rows: list[Row], now: Any) -> None:
+    async def update(
+        self, db: DriverStatements, rows: list[Row], digests: dict[str, bytes], now: Any
+    ) -> None:
+        raise NotImplementedError
+
+    async def set_digests(self, db: DriverStatements, pairs: list[tuple[str, bytes]]) -> None:
+        """Record the digest of rows found equal in full (stored before digests, or cleared
+        by the guard trigger after a hand edit)."""
         raise NotImplementedError
 
     async def mark_gone(self, db: DriverStatements, ids: list[str], now: Any) -> None:
@@ -421,21 +466,25 @@ class _SQLite(_Backend):
 
     def __init__(self) -> None:
         self.claim_sql = _claim_sql(["?"] * 9)
-        self.load_sql = {
-            kind: f"SELECT {_SELECT_STORED} FROM seat WHERE {column} = ?"  # noqa: S608
+        self.digest_sql = {
+            kind: f"SELECT id, polar_digest, gone_at FROM seat WHERE {column} = ?"  # noqa: S608
             for kind, column in _SCOPE_COLUMNS.items()
         }
         self.probe_sql = (
             f"SELECT {_SELECT_STORED} FROM seat "  # noqa: S608
             "WHERE id IN (SELECT value FROM json_each(?))"
         )
-        seat_columns = ("id", *POLAR_COLUMNS, "synced_at")
+        seat_columns = ("id", *POLAR_COLUMNS, "polar_digest", "synced_at")
         self.insert_sql = (
             f"INSERT INTO seat ({', '.join(seat_columns)}) "  # noqa: S608
             f"VALUES ({', '.join('?' for _ in seat_columns)})"
         )
         sets = ", ".join(f"{c} = ?" for c in POLAR_COLUMNS)
-        self.update_sql = f"UPDATE seat SET {sets}, synced_at = ?, gone_at = NULL WHERE id = ?"  # noqa: S608
+        self.update_sql = (
+            f"UPDATE seat SET {sets}, polar_digest = ?, synced_at = ?, gone_at = NULL "  # noqa: S608
+            "WHERE id = ?"
+        )
+        self.digest_update_sql = "UPDATE seat SET polar_digest = ? WHERE id = ?"
         self.gone_sql = (
             "UPDATE seat SET gone_at = ?, synced_at = ? "
             "WHERE id IN (SELECT value FROM json_each(?))"
@@ -461,19 +510,28 @@ class _SQLite(_Backend):
                 return False
         return super().same(column, stored, new)
 
+    async def load_rows(self, db: DriverStatements, ids: list[str]) -> list[Row]:
+        return [tuple(row) for row in await db.fetch(self.probe_sql, (json.dumps(ids),))]
+
     async def insert_new(
-        self, db: DriverStatements, rows: list[Row], now: Any
+        self, db: DriverStatements, rows: list[Row], digests: dict[str, bytes], now: Any
     ) -> tuple[set[str], list[Row]]:
-        ids = [row[0] for row in rows]
-        strays = [tuple(row) for row in await db.fetch(self.probe_sql, (json.dumps(ids),))]
+        strays = await self.load_rows(db, [row[0] for row in rows])
         taken = {row[0] for row in strays}
-        fresh = [(*row, now) for row in rows if row[0] not in taken]
+        fresh = [(*row, digests[row[0]], now) for row in rows if row[0] not in taken]
         if fresh:
             await db.executemany(self.insert_sql, fresh)
         return {row[0] for row in fresh}, strays
 
-    async def update(self, db: DriverStatements, rows: list[Row], now: Any) -> None:
-        await db.executemany(self.update_sql, [(*row[1:], now, row[0]) for row in rows])
+    async def update(
+        self, db: DriverStatements, rows: list[Row], digests: dict[str, bytes], now: Any
+    ) -> None:
+        await db.executemany(
+            self.update_sql, [(*row[1:], digests[row[0]], now, row[0]) for row in rows]
+        )
+
+    async def set_digests(self, db: DriverStatements, pairs: list[tuple[str, bytes]]) -> None:
+        await db.executemany(self.digest_update_sql, [(digest, id_) for id_, digest in pairs])
 
     async def mark_gone(self, db: DriverStatements, ids: list[str], now: Any) -> None:
         await db.execute(self.gone_sql, (now, now, json.dumps(ids)))
@@ -487,12 +545,12 @@ class _PostgreSQL(_Backend):
 
     def __init__(self) -> None:
         self.claim_sql = _claim_sql([f"${n}" for n in range(1, 10)])
-        self.load_sql = {
-            kind: f"SELECT {self._stored()} FROM seat WHERE {column} = $1"  # noqa: S608
+        self.digest_sql = {
+            kind: f"SELECT id, polar_digest, gone_at FROM seat WHERE {column} = $1"  # noqa: S608
             for kind, column in _SCOPE_COLUMNS.items()
         }
         self.probe_sql = f"SELECT {self._stored()} FROM seat WHERE id = ANY($1::varchar[])"  # noqa: S608
-        seat_columns = ("id", *POLAR_COLUMNS)
+        seat_columns = ("id", *POLAR_COLUMNS, "polar_digest")
         arrays = ", ".join(f"${n}::{self._type(c)}[]" for n, c in enumerate(seat_columns, 1))
         unnested = f"unnest({arrays}) AS v({', '.join(seat_columns)})"
         values = ", ".join(
@@ -505,13 +563,18 @@ class _PostgreSQL(_Backend):
             "ON CONFLICT (id) DO NOTHING RETURNING id"
         )
         sets = ", ".join(
-            f"{c} = v.{c}::json" if c == "seat_metadata" else f"{c} = v.{c}" for c in POLAR_COLUMNS
+            f"{c} = v.{c}::json" if c == "seat_metadata" else f"{c} = v.{c}"
+            for c in (*POLAR_COLUMNS, "polar_digest")
         )
         self.update_sql = (
             f"UPDATE seat SET {sets}, synced_at = ${now}::timestamptz, gone_at = NULL "  # noqa: S608
             f"FROM {unnested} WHERE seat.id = v.id"
         )
         self.gone_sql = "UPDATE seat SET gone_at = $1, synced_at = $1 WHERE id = ANY($2::varchar[])"
+        self.digest_update_sql = (
+            "UPDATE seat SET polar_digest = v.digest "
+            "FROM unnest($1::varchar[], $2::bytea[]) AS v(id, digest) WHERE seat.id = v.id"
+        )
         history = ", ".join(f"${n}::{self._type(c)}[]" for n, c in enumerate(_CHANGE_COLUMNS, 1))
         self.history_sql = (
             f"INSERT INTO seat_change ({', '.join(_CHANGE_COLUMNS)}) "  # noqa: S608
@@ -531,6 +594,8 @@ class _PostgreSQL(_Backend):
             return "timestamptz"
         if column == "sync_run_id":
             return "integer"
+        if column == "polar_digest":
+            return "bytea"
         return "text"
 
     def timestamp(self, value: datetime | None) -> datetime | None:
@@ -542,19 +607,27 @@ class _PostgreSQL(_Backend):
             return value.replace(tzinfo=UTC)
         return self._naive_utc(value).replace(tzinfo=UTC)
 
+    async def load_rows(self, db: DriverStatements, ids: list[str]) -> list[Row]:
+        return [tuple(row) for row in await db.fetch(self.probe_sql, (ids,))]
+
     async def insert_new(
-        self, db: DriverStatements, rows: list[Row], now: Any
+        self, db: DriverStatements, rows: list[Row], digests: dict[str, bytes], now: Any
     ) -> tuple[set[str], list[Row]]:
-        result = await db.fetch(self.insert_sql, (*_columns(rows, _WIDTH), now))
+        with_digest = [(*row, digests[row[0]]) for row in rows]
+        result = await db.fetch(self.insert_sql, (*_columns(with_digest, _WIDTH + 1), now))
         inserted = {row[0] for row in result}
         if len(inserted) == len(rows):
             return inserted, []
-        taken = [row[0] for row in rows if row[0] not in inserted]
-        found = await db.fetch(self.probe_sql, (taken,))
-        return inserted, [tuple(row) for row in found]
+        return inserted, await self.load_rows(db, [r[0] for r in rows if r[0] not in inserted])
 
-    async def update(self, db: DriverStatements, rows: list[Row], now: Any) -> None:
-        await db.execute(self.update_sql, (*_columns(rows, _WIDTH), now))
+    async def update(
+        self, db: DriverStatements, rows: list[Row], digests: dict[str, bytes], now: Any
+    ) -> None:
+        with_digest = [(*row, digests[row[0]]) for row in rows]
+        await db.execute(self.update_sql, (*_columns(with_digest, _WIDTH + 1), now))
+
+    async def set_digests(self, db: DriverStatements, pairs: list[tuple[str, bytes]]) -> None:
+        await db.execute(self.digest_update_sql, _columns(pairs, 2))
 
     async def mark_gone(self, db: DriverStatements, ids: list[str], now: Any) -> None:
         await db.execute(self.gone_sql, (now, ids))
@@ -571,6 +644,7 @@ def _columns(rows: Sequence[Row], width: int) -> tuple[list[Any], ...]:
 
 
 _BACKENDS: dict[str, _Backend] = {"sqlite": _SQLite(), "postgresql": _PostgreSQL()}
+_TEXT_FORM = _BACKENDS["sqlite"]  # the form digests are taken over, on every backend
 
 
 # ---------------------------------------------------------------------- diff
@@ -601,15 +675,8 @@ class _Plan:
     inserted: int = 0
     updated: int = 0
     unchanged: int = 0
-
-
-def _all_unchanged(loaded: list[Row], fresh: dict[str, Row]) -> bool:
-    """Whether every stored row of the scope is live and exactly the list's (a resync of an
-    unchanged scope): one dict comparison, in C, instead of the diff's loop."""
-    if len(loaded) != len(fresh):
-        return False
-    live = {row[0]: row[:_WIDTH] for row in loaded if row[_GONE] is None}
-    return live == fresh
+    # Stored rows compared in full and found equal: their digest is recorded if it differs.
+    same: list[str] = field(default_factory=list)
 
 
 def _diff(
@@ -665,6 +732,7 @@ def _diff(
             }
         if not differs and not returned:
             plan.unchanged += 1
+            plan.same.append(seat_id)
             continue
         plan.updates.append(new)
         if returned:
@@ -696,18 +764,19 @@ async def reconcile_scope(
     fetch_started_at: datetime,
     now: datetime,
     sync_run_id: int | None = None,
+    trust_digests: bool = True,
 ) -> ReconcileResult:
     """Make the mirror of one scope equal `seats`, recording every change (see the module
-    docstring for the steps)."""
+    docstring for the steps). `trust_digests=False` compares every stored row in full
+    (`seat-sync verify --repair`: a row changed behind the digest guard's back)."""
     if kind not in _SCOPE_COLUMNS:
         raise ValueError(f"unknown scope kind {kind!r}")
     result = ReconcileResult(total_seats=seats.total_seats, available_seats=seats.available_seats)
     backend = _BACKENDS[session.get_bind().dialect.name]
-    # 1. Convert (before the first statement: on SQLite, before the write lock).
+    # 1. Convert and digest (before the first statement: on SQLite, before the write lock).
     ts = backend.timestamp
     stamp = ts(now)
-    convert = _Converter(backend).row
-    fresh = {seat.id: convert(seat) for seat in seats.seats}
+    fresh, digests = _converted(backend, seats.seats)
 
     # 2. Claim the scope.
     db = await driver_statements(session)
@@ -729,30 +798,44 @@ async def reconcile_scope(
         result.stale = True  # a newer fetch already landed; ours would move the mirror back
         return result
 
-    # 3. Load, 4. insert what is new.
-    loaded = await backend.load_scope(db, kind, scope_id)
-    if _all_unchanged(loaded, fresh):
-        plan = _Plan(unchanged=len(fresh))
-    else:
-        stored = {row[0]: row for row in loaded}
-        new_rows = [row for seat_id, row in fresh.items() if seat_id not in stored]
-        inserted: set[str] = set()
-        if new_rows:
-            inserted, strays = await backend.insert_new(db, new_rows, stamp)
-            stored.update((row[0], row) for row in strays)
+    # 3. Load the scope's digests; the rows themselves only where they may differ.
+    stored_digests: dict[str, bytes | None] = {}
+    check: list[str] = []
+    for seat_id, digest, gone_at in await backend.load_digests(db, kind, scope_id):
+        stored_digests[seat_id] = digest
+        if seat_id in digests:
+            if not trust_digests or gone_at is not None or digest != digests[seat_id]:
+                check.append(seat_id)  # changed, returned, or not known equal
+        elif gone_at is None:
+            check.append(seat_id)  # gone from the list: its row names what went
+    new_ids = [seat_id for seat_id in digests if seat_id not in stored_digests]
+    listed_check = [seat_id for seat_id in check if seat_id in digests]
+    known_equal = len(digests) - len(new_ids) - len(listed_check)
 
-        # 5. Diff, 6. write.
-        plan = _diff(
-            backend,
-            fresh=fresh.values(),
-            stored=stored,
-            inserted=inserted,
-            scope=(kind, scope_id),
-            now=stamp,
-            sync_run_id=sync_run_id,
-        )
+    # 4. Insert what is new.
+    stored = {row[0]: row for row in await backend.load_rows(db, check)} if check else {}
+    new_rows = [fresh(seat_id) for seat_id in new_ids]
+    inserted: set[str] = set()
+    if new_rows:
+        inserted, strays = await backend.insert_new(db, new_rows, digests, stamp)
+        stored.update((row[0], row) for row in strays)
+
+    # 5. Diff, 6. write.
+    plan = _diff(
+        backend,
+        fresh=[*(fresh(seat_id) for seat_id in listed_check), *new_rows],
+        stored=stored,
+        inserted=inserted,
+        scope=(kind, scope_id),
+        now=stamp,
+        sync_run_id=sync_run_id,
+    )
+    plan.unchanged += known_equal
     if plan.updates:
-        await backend.update(db, plan.updates, stamp)
+        await backend.update(db, plan.updates, digests, stamp)
+    refresh = [(i, digests[i]) for i in plan.same if stored_digests.get(i) != digests[i]]
+    if refresh:
+        await backend.set_digests(db, refresh)
     if plan.gone:
         await backend.mark_gone(db, plan.gone, stamp)
     if plan.history:
