@@ -9,26 +9,35 @@ driver stores exactly once, compares and writes those without per-value bind or 
 processing, and runs a handful of statements per scope whatever the number of seats, each
 straight on the driver connection of the session's transaction (`driver_statements`):
 
-1. **Convert.** Polar's list becomes storage rows: one tuple per seat, every timestamp
-   already in the database's form (SQLite: naive UTC text `YYYY-MM-DD HH:MM:SS.ffffff`;
-   PostgreSQL: an aware `datetime`), the metadata as JSON text. No statement has run yet,
-   so on SQLite this happens before the write lock is taken.
+1. **Convert and digest.** Polar's list becomes storage rows: one tuple per seat, every
+   timestamp already in the database's form (SQLite: naive UTC text
+   `YYYY-MM-DD HH:MM:SS.ffffff`; PostgreSQL: an aware `datetime`), the metadata as JSON
+   text; and each seat gets an 8-byte digest of that row in SQLite's form (`_digest`). No
+   statement has run yet, so on SQLite this happens before the write lock is taken.
 2. **Claim the scope.** One upsert of seat_scope writes the scope's new state (counts,
    `last_synced_at`, `last_fetch_started_at`, errors cleared) only when no newer fetch has
    landed, and takes the scope's row lock. Nothing returned: a newer fetch landed first, and
    ours would move the mirror back; stop (`stale`), writing nothing.
-3. **Load** the scope's stored rows: id, Polar's columns and `gone_at`, exactly as stored.
+3. **Load** the scope's `(id, polar_digest, gone_at)`. A live stored seat whose digest is
+   the listed one is unchanged: seat-sync wrote exactly these values, and the trigger
+   `seat_polar_digest_guard` clears the digest of a row anyone else edits. The full rows
+   (Polar's columns and `gone_at`, exactly as stored) are loaded only for the others: a
+   different or NULL digest, a seat that was gone, a seat no longer listed.
+   `trust_digests=False` (`seat-sync verify --repair`) loads and compares every row.
 4. **Insert the seats the scope does not have** (`ON CONFLICT (id) DO NOTHING`). An id that
    already exists under another container (a Polar bug, but it must not crash us) is not
    inserted; its stored row is loaded and diffed like the scope's own. PostgreSQL finds
    those ids from the insert's `RETURNING`, so an initial load looks no id up; SQLite looks
    them up first with one primary-key probe (it serialises writers, so nothing can slip in
    between).
-5. **Diff** in plain Python: a stored row equal to the new one is left alone; otherwise the
-   differing columns decide the history row (`returned`, `status`, `holder`, or none for
-   other fields), and a stored row of this scope missing from the list is `gone`.
-6. **Write** the plan: the updated rows, the gone ids, then the history rows, each one
-   statement (PostgreSQL: `unnest` of arrays) or one `executemany` (SQLite).
+5. **Diff** those in plain Python: a stored row equal to the new one is left alone (its
+   digest is recorded if it differed: rows stored before digests, or after a hand edit
+   that changed nothing); otherwise the differing columns decide the history row
+   (`returned`, `status`, `holder`, or none for other fields), and a stored row of this
+   scope missing from the list is `gone`.
+6. **Write** the plan: the updated rows with their digests, the digests of rows found
+   equal, the gone ids, then the history rows, each one statement (PostgreSQL: `unnest` of
+   arrays) or one `executemany` (SQLite).
 7. **Answer the inbox**: every delivery for this scope received before the fetch started is
    marked processed (`inbox.mark_scope_synced`).
 """
