@@ -842,7 +842,15 @@ async def reconcile_scope(
     plan.unchanged += known_equal
     if plan.updates:
         await backend.update(db, plan.updates, digests, stamp)
+    # Digests to record: rows found equal in full whose digest differed, and rows updated
+    # under the digest they already had (changed behind the guard): the trigger cleared it
+    # as the update changed their Polar columns.
     refresh = [(i, digests[i]) for i in plan.same if stored_digests.get(i) != digests[i]]
+    refresh += [
+        (row[0], digests[row[0]])
+        for row in plan.updates
+        if stored_digests.get(row[0]) == digests[row[0]]
+    ]
     if refresh:
         await backend.set_digests(db, refresh)
     if plan.gone:
