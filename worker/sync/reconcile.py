@@ -86,6 +86,8 @@ POLAR_COLUMNS = (
     "member_external_id",
     "member_role",
 )
+# POLAR_COLUMNS[_MEMBER_AT:] are the nested member's fields, flattened.
+_MEMBER_AT = POLAR_COLUMNS.index("member_created_at")
 _LOAD_COLUMNS = ("id", *POLAR_COLUMNS, "gone_at")
 _TIMESTAMPS = frozenset(c for c in POLAR_COLUMNS if c.endswith("_at"))
 _FIXED_OFFSETS = (timezone, TzInfo)
@@ -204,27 +206,9 @@ def _json_text(value: Any) -> str:
 
 # Field values straight from the models' __dict__ (where pydantic keeps them): one C call
 # per seat instead of an attribute lookup per field (~0.4 ms less per 1,000 seats).
-_SEAT_FIELDS = itemgetter(
-    "id",
-    "created_at",
-    "modified_at",
-    "subscription_id",
-    "order_id",
-    "status",
-    "customer_id",
-    "member_id",
-    "email",
-    "customer_email",
-    "invitation_token_expires_at",
-    "claimed_at",
-    "revoked_at",
-    "seat_metadata",
-    "member",
-)
-_MEMBER_FIELDS = itemgetter(
-    "created_at", "modified_at", "customer_id", "email", "name", "external_id", "role"
-)
-_NO_MEMBER: tuple[Any, ...] = (None,) * 7
+_SEAT_FIELDS = itemgetter("id", *POLAR_COLUMNS[:_MEMBER_AT], "member")
+_MEMBER_FIELDS = itemgetter(*(c.removeprefix("member_") for c in POLAR_COLUMNS[_MEMBER_AT:]))
+_NO_MEMBER: tuple[Any, ...] = (None,) * (len(POLAR_COLUMNS) - _MEMBER_AT)
 
 
 def _remembering(convert: Callable[[datetime], Any]) -> Callable[[datetime | None], Any]:
