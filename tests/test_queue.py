@@ -201,8 +201,29 @@ async def test_a_retry_takes_over_the_follow_up_waiting_for_its_scope(redis: Arq
     await start(redis, failing)  # the retry fetches after every change the follow-up covers
 
     assert follow_up not in await jobs(redis)
-    assert not await redis.exists(job_key_prefix + follow_up)
     assert await queue.request_sync(redis, *SUB, window=PATIENT)  # the next change: a new one
+
+
+async def test_a_dropped_follow_up_a_worker_picked_meanwhile_does_nothing(
+    redis: ArqRedis,
+) -> None:
+    # A worker reads a due job's id from the queue, then marks it in progress: a retry that
+    # starts in between drops the job, yet the worker runs it. It must find its job (arq
+    # would count a vanished one as failed) and stand down without a fetch.
+    assert await queue.request_sync(redis, *SUB, window=PATIENT)
+    failing = await waiting_job(redis)
+    await start(redis, failing)
+    await queue.sync_finished(redis, *SUB, job_id=failing)  # it raised Retry
+    assert await queue.request_sync(redis, *SUB, window=PATIENT)
+    follow_up = await waiting_job(redis)
+
+    assert await queue.sync_started(redis, *SUB, job_id=failing, ttl=60)  # the retry
+
+    assert follow_up not in await jobs(redis)
+    assert await redis.exists(job_key_prefix + follow_up)  # for the worker that holds it
+    assert 0 < await redis.pttl(job_key_prefix + follow_up) <= queue.SUPERSEDED_TTL_MS
+    assert not await queue.sync_started(redis, *SUB, job_id=follow_up, ttl=60)
+    assert await redis.get(queue.syncing_key(*SUB)) == failing.encode()  # still the retry's
 
 
 async def test_a_follow_up_a_worker_already_took_is_left_to_run(redis: ArqRedis) -> None:

@@ -198,34 +198,55 @@ return 1
 
 async def sync_started(
     redis: ArqRedis, kind: str, scope_id: str, *, job_id: str, ttl: float
-) -> None:
+) -> bool:
     """Called by a sync job before it fetches: later changes need a follow-up, and the
     scope is busy until `sync_finished` (or `ttl` seconds, should the worker die). A job
-    of the scope still waiting is dropped: this fetch starts after every change it covers."""
+    of the scope still waiting is dropped: this fetch starts after every change it covers.
+
+    False when this job is one that was dropped so (a worker had already picked it from
+    the queue when another job of its scope started): it must do nothing."""
     start = redis.register_script(_SYNC_STARTED)
-    await start(
+    started = await start(
         keys=[
             queued_key(kind, scope_id),
             due_key(kind, scope_id),
             syncing_key(kind, scope_id),
             QUEUE_NAME,
         ],
-        args=[job_id, int(ttl * 1000), job_key_prefix, in_progress_key_prefix],
+        args=[
+            job_id,
+            int(ttl * 1000),
+            job_key_prefix,
+            in_progress_key_prefix,
+            SUPERSEDED_PREFIX,
+            SUPERSEDED_TTL_MS,
+        ],
     )
+    return bool(int(started))
 
+
+# A dropped job keeps its arq job key (and gets this marker) for this long: a worker that
+# read its id from the queue just before it was dropped still finds the job, runs it, and
+# the job ends at once instead of arq counting a vanished job as failed ("expired").
+SUPERSEDED_PREFIX = "seat-sync:superseded:"
+SUPERSEDED_TTL_MS = 60_000
 
 # KEYS: the queued flag, the due time, the syncing marker, arq's queue. ARGV: this job's
-# id, the marker's TTL (ms), arq's job key prefix, arq's in-progress key prefix.
+# id, the marker's TTL (ms), arq's job key prefix, arq's in-progress key prefix, the
+# superseded marker prefix, its TTL (ms). Returns 0 when this job was itself dropped.
 # Another job waits only when this one is a retry (its flag was cleared at its first try);
 # one a worker has already taken is left to run.
 _SYNC_STARTED = """
+if redis.call('EXISTS', ARGV[5] .. ARGV[1]) == 1 then return 0 end
 local flagged = redis.call('GET', KEYS[1])
 if flagged and flagged ~= ARGV[1] and redis.call('EXISTS', ARGV[4] .. flagged) == 0 then
   redis.call('ZREM', KEYS[4], flagged)
-  redis.call('DEL', ARGV[3] .. flagged)
+  redis.call('PEXPIRE', ARGV[3] .. flagged, ARGV[6])
+  redis.call('SET', ARGV[5] .. flagged, 1, 'PX', ARGV[6])
 end
 redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
+return 1
 """
 
 

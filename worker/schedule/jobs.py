@@ -48,7 +48,11 @@ async def sync_scope(ctx: Ctx, *, kind: str, scope_id: str, trigger: str = "webh
     job_id: str = ctx["job_id"]
     bound = log.bind(job_id=job_id, scope_kind=kind, scope_id=scope_id, job_try=job_try)
     # Before the fetch: a change from now on needs a follow-up (worker.queue's rules).
-    await queue.sync_started(resources.redis, kind, scope_id, job_id=job_id, ttl=SYNC_TIMEOUT_S)
+    if not await queue.sync_started(
+        resources.redis, kind, scope_id, job_id=job_id, ttl=SYNC_TIMEOUT_S
+    ):
+        bound.info("sync_superseded")  # a job of the scope that started later covers it
+        return "superseded"
     try:
         return await _fetch_and_reconcile(
             resources,
