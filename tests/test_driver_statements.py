@@ -5,6 +5,7 @@ are pinged after an idle spell, so one the server dropped is replaced before it 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -456,8 +457,8 @@ async def test_a_polled_sqlite_writer_gives_up_with_a_retryable_error(
 async def test_a_sqlite_connection_returned_inside_a_transaction_is_rolled_back(
     database_url: str,
 ) -> None:
-    # The pool does not roll back every returned connection (a thread hop each): only one
-    # still inside a transaction, which would otherwise keep SQLite's write lock.
+    # A connection must not go back to the pool inside a transaction: it would keep
+    # SQLite's write lock, and its next BEGIN would fail.
     if not database_url.startswith("sqlite"):
         pytest.skip("SQLite's pool reset")
     path = platform_db.sqlite_path(database_url)
@@ -480,3 +481,29 @@ async def test_a_sqlite_connection_returned_inside_a_transaction_is_rolled_back(
             other.close()
     finally:
         await engine.dispose()
+
+
+async def test_transactions_cancelled_at_any_point_leave_the_pool_usable(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    # A cancelled task may leave work queued in the driver (SQLite: a BEGIN that aiosqlite's
+    # thread runs after the task is gone). Whatever point the cancel hits, the next
+    # transaction on the pool must start and commit.
+    async def write(scope_id: str) -> None:
+        async with transaction(sessions) as session:
+            db = await driver_statements(session)
+            await db.execute(
+                "INSERT INTO seat_scope (kind, scope_id, created_at, consecutive_failures) "
+                f"VALUES ('subscription', {db.mark(1)}, {db.mark(2)}, 0)",
+                [scope_id, db.timestamp(utcnow())],
+            )
+
+    for n in range(60):
+        task = asyncio.create_task(write(f"cancelled-{n}"))
+        for _ in range(n % 6):
+            await asyncio.sleep(0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await write(f"after-{n}")  # fails if the pool gave out a connection mid-transaction
+    assert {f"after-{n}" for n in range(60)} <= await stored_scope_ids(sessions)

@@ -98,9 +98,11 @@ def create_engine(
             full = f"sqlite+aiosqlite:///file:{path}?mode=ro&uri=true"
         elif path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(
-            full, connect_args=connect_args, hide_parameters=True, pool_reset_on_return=None
-        )
+        # The pool's default reset stays: it rolls back every returned connection, queued
+        # behind whatever a cancelled task left in aiosqlite's thread (a BEGIN that runs
+        # after the task is gone). Checking `in_transaction` first and skipping the hop was
+        # tried: such a connection went back to the pool inside a transaction.
+        engine = create_async_engine(full, connect_args=connect_args, hide_parameters=True)
         _configure_sqlite(engine, read_only=read_only, lock_poll_seconds=lock_poll_seconds)
         if not read_only:
             _WRITE_LOCKS[engine.sync_engine] = weakref.WeakKeyDictionary()
@@ -173,14 +175,6 @@ def _configure_sqlite(
             # Only BEGIN IMMEDIATE waits for a lock in WAL mode; it polls on its own (below).
             cursor.execute(f"PRAGMA busy_timeout = {SQLITE_POLLED_BUSY_TIMEOUT_MS}")
         cursor.close()
-
-    @event.listens_for(sync_engine, "reset")
-    def _on_reset(dbapi_connection: Any, _record: Any, state: Any) -> None:
-        # Instead of SQLAlchemy's rollback of every returned connection (pool_reset_on_return
-        # None): a hop to aiosqlite's thread even after a COMMIT. Roll back only a connection
-        # still inside a transaction, which would otherwise keep the write lock.
-        if state.asyncio_safe and dbapi_connection.driver_connection.in_transaction:
-            dbapi_connection.rollback()
 
     @event.listens_for(sync_engine, "begin")
     def _on_begin(conn: Any) -> None:
