@@ -491,12 +491,7 @@ async def test_transactions_cancelled_at_any_point_leave_the_pool_usable(
     # transaction on the pool must start and commit.
     async def write(scope_id: str) -> None:
         async with transaction(sessions) as session:
-            db = await driver_statements(session)
-            await db.execute(
-                "INSERT INTO seat_scope (kind, scope_id, created_at, consecutive_failures) "
-                f"VALUES ('subscription', {db.mark(1)}, {db.mark(2)}, 0)",
-                [scope_id, db.timestamp(utcnow())],
-            )
+            await add_scope(await driver_statements(session), scope_id)
 
     for n in range(60):
         task = asyncio.create_task(write(f"cancelled-{n}"))

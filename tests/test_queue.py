@@ -56,6 +56,17 @@ async def finish(redis: ArqRedis, job_id: str) -> None:
     await redis.delete(job_key_prefix + job_id)
 
 
+async def a_retry_with_a_follow_up_waiting(redis: ArqRedis) -> tuple[str, str]:
+    """A sync that started and raised Retry, and the follow-up a change during it queued:
+    (the failing job, the follow-up)."""
+    assert await queue.request_sync(redis, *SUB, window=PATIENT)
+    failing = await waiting_job(redis)
+    await start(redis, failing)
+    await queue.sync_finished(redis, *SUB, job_id=failing)  # it raised Retry
+    assert await queue.request_sync(redis, *SUB, window=PATIENT)
+    return failing, await waiting_job(redis)
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -191,12 +202,7 @@ async def test_the_quiet_period_counts_from_when_the_change_was_received(
 
 
 async def test_a_retry_takes_over_the_follow_up_waiting_for_its_scope(redis: ArqRedis) -> None:
-    assert await queue.request_sync(redis, *SUB, window=PATIENT)
-    failing = await waiting_job(redis)
-    await start(redis, failing)
-    await queue.sync_finished(redis, *SUB, job_id=failing)  # it raised Retry
-    assert await queue.request_sync(redis, *SUB, window=PATIENT)
-    follow_up = await waiting_job(redis)
+    failing, follow_up = await a_retry_with_a_follow_up_waiting(redis)
 
     await start(redis, failing)  # the retry fetches after every change the follow-up covers
 
@@ -210,12 +216,7 @@ async def test_a_dropped_follow_up_a_worker_picked_meanwhile_does_nothing(
     # A worker reads a due job's id from the queue, then marks it in progress: a retry that
     # starts in between drops the job, yet the worker runs it. It must find its job (arq
     # would count a vanished one as failed) and stand down without a fetch.
-    assert await queue.request_sync(redis, *SUB, window=PATIENT)
-    failing = await waiting_job(redis)
-    await start(redis, failing)
-    await queue.sync_finished(redis, *SUB, job_id=failing)  # it raised Retry
-    assert await queue.request_sync(redis, *SUB, window=PATIENT)
-    follow_up = await waiting_job(redis)
+    failing, follow_up = await a_retry_with_a_follow_up_waiting(redis)
 
     assert await queue.sync_started(redis, *SUB, job_id=failing, ttl=60)  # the retry
 
