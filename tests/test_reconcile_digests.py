@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +20,11 @@ from sqlmodel import col
 
 from tests.support.reconcile import mirrored_seats, reconcile, seat_changes
 from worker.models import Seat
-from worker.platform.db import retry_transaction
 from worker.polar.schemas import SeatsList
 from worker.resources import PolarResources
 from worker.simulator.server import SimulatedPolar
 from worker.simulator.state import SimState
-from worker.sync.reconcile import _TEXT_FORM, ReconcileResult, _digest, reconcile_scope
+from worker.sync.reconcile import _TEXT_FORM, _digest
 from worker.sync.verify import verify_scope
 
 Sessions = async_sessionmaker[AsyncSession]
@@ -67,26 +65,6 @@ async def stored_digests(sessions: Sessions) -> dict[str, bytes | None]:
     async with sessions() as session:
         rows = await session.execute(select(col(Seat.id), col(Seat.polar_digest)))
         return {seat_id: digest for seat_id, digest in rows}
-
-
-async def untrusting_reconcile(
-    sessions: Sessions, seats: SeatsList, scope_id: str
-) -> ReconcileResult:
-    """Reconcile comparing every stored row in full, as `seat-sync verify --repair` does."""
-
-    async def work(session: AsyncSession) -> ReconcileResult:
-        now = datetime.now(UTC)
-        return await reconcile_scope(
-            session,
-            kind="subscription",
-            scope_id=scope_id,
-            seats=seats,
-            fetch_started_at=now,
-            now=now,
-            trust_digests=False,
-        )
-
-    return await retry_transaction(sessions, work)
 
 
 async def edit_by_hand(engine: AsyncEngine, seat_id: str, **values: Any) -> None:
@@ -231,7 +209,9 @@ async def test_a_sync_that_does_not_trust_digests_repairs_a_row_changed_behind_t
     await edit_behind_the_guard(engine, seat_id, member_name="Hidden Edit", email="x@example.com")
     history_before = len(await seat_changes(sessions))
 
-    result = await untrusting_reconcile(sessions, listing(state, scope_id), scope_id)
+    result = await reconcile(
+        sessions, listing(state, scope_id), scope_id=scope_id, trust_digests=False
+    )
 
     assert (result.updated, result.unchanged) == (1, len(EMAILS) - 1)
     repaired = (await mirrored_seats(sessions))[seat_id]

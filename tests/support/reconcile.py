@@ -22,8 +22,10 @@ async def reconcile(
     scope_id: str,
     kind: str = "subscription",
     fetch_started_at: datetime | None = None,
+    trust_digests: bool = True,
 ) -> ReconcileResult:
-    """Reconcile one scope's listing in its own transaction (fetched now by default)."""
+    """Reconcile one scope's listing in its own transaction (fetched now by default);
+    `trust_digests=False` compares every stored row in full, as `verify --repair` does."""
     started = fetch_started_at or datetime.now(UTC)
 
     async def work(session: AsyncSession) -> ReconcileResult:
@@ -34,6 +36,7 @@ async def reconcile(
             seats=seats,
             fetch_started_at=started,
             now=datetime.now(UTC),
+            trust_digests=trust_digests,
         )
 
     return await retry_transaction(sessions, work)
