@@ -14,9 +14,13 @@ without losing a change:
    SYNC_MAX_WAIT_SECONDS after the first change it covers (arq keeps a job's start time
    as its score in the queue's sorted set; the script moves that score).
 
-Times are those at which the receiver got each change, not when it finished committing
-it: a slow commit must not stretch the gaps between a scope's changes. They only decide
-when a sync runs; that it covers a change comes from the flag alone.
+The quiet period counts from when a change is registered here (after the receiver
+committed it), the maximum wait from when the receiver got the first change it covers.
+A follow-up that started before a change its burst had already received (still being
+committed) would cost a third call, so the quiet period waits for the registration; the
+maximum wait counts from receipt so that a slow commit cannot stretch how stale the mirror
+may get. The times only decide when a sync runs; that it covers a change comes from the
+flag alone.
 
 So a burst costs one list call at its start plus one per SYNC_MAX_WAIT_SECONDS it lasts
 (two for a burst shorter than that), and after its last change the mirror reflects a
@@ -109,10 +113,9 @@ async def request_sync(
     """Make sure a sync of the scope will fetch after now (see the module's rules). True
     when a job was enqueued, False when one already waits (it covers this request).
 
-    `changed_at` is when the change was received (default: now). The quiet period and the
-    maximum wait count from it, so the time the receiver took to commit the delivery does
-    not stretch the gaps between a scope's changes; whatever the times, a fetch starts
-    after this call."""
+    `changed_at` is when the change was received (default: now). The maximum wait counts
+    from it, the quiet period from now (the module's docstring says why); whatever the
+    times, a fetch starts after this call."""
     window = window or SyncWindow()
     job_id = f"sync:{kind}:{scope_id}:{uuid.uuid4().hex}"
     now = _now_ms()
@@ -161,9 +164,8 @@ _REQUEST_SYNC = """
 local now, quiet, max_wait = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local changed = tonumber(ARGV[10])
 local busy = redis.call('EXISTS', KEYS[3]) == 1 or redis.call('EXISTS', KEYS[4]) == 1
-local quiet_for = changed + quiet - now
-if quiet_for > 0 and redis.call('PTTL', KEYS[3]) < quiet_for then
-  redis.call('SET', KEYS[3], changed, 'PX', quiet_for)
+if quiet > 0 and redis.call('PTTL', KEYS[3]) < quiet then
+  redis.call('SET', KEYS[3], changed, 'PX', quiet)
 end
 local flagged = redis.call('GET', KEYS[1])
 if flagged then
@@ -173,7 +175,7 @@ if flagged then
   if not orphan then
     local due = tonumber(redis.call('GET', KEYS[2]) or '0')
     if due > 0 then
-      local at = math.min(changed + quiet, due)
+      local at = math.min(now + quiet, due)
       local score = redis.call('ZSCORE', KEYS[5], flagged)
       if score and tonumber(score) < at then
         redis.call('ZADD', KEYS[5], 'XX', at, flagged)
@@ -184,7 +186,7 @@ if flagged then
 end
 local at = now
 if busy then
-  at = math.max(now, changed + math.min(quiet, max_wait))
+  at = math.max(now, math.min(now + quiet, changed + max_wait))
   redis.call('SET', KEYS[2], changed + max_wait, 'EX', ARGV[5])
 else
   redis.call('DEL', KEYS[2])
