@@ -17,7 +17,11 @@ from worker import queue
 from worker.intake import routing
 from worker.intake.routing import ScopeRef
 from worker.models import WebhookDelivery, WebhookDeliveryScope, utcnow
-from worker.platform.db import driver_statements, insert_ignoring_conflict, retry_transaction
+from worker.platform.db import (
+    DriverStatements,
+    driver_statements,
+    retry_transaction,
+)
 
 log = structlog.get_logger("worker.intake.inbox")
 
@@ -105,17 +109,14 @@ def parse_event_timestamp(value: Any) -> datetime | None:
     return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
 
 
-async def _route_safely(
-    session: AsyncSession, event_type: str, data: Any
-) -> tuple[list[ScopeRef], str | None]:
-    """Route, but never let a payload we cannot make sense of cost the delivery: it is
-    stored unrouted and the sweeper tries again. Database errors still propagate."""
+def _hint_safely(event_type: str, data: Any) -> tuple[routing.RouteHint, str | None]:
+    """The payload's routing hint; a payload we cannot make sense of must never cost the
+    delivery: it is stored unrouted (the error) and the sweeper tries again."""
     try:
-        hint = routing.hint_for(event_type, data)
+        return routing.hint_for(event_type, data), None
     except Exception as exc:  # a bug in routing must not turn into a failed delivery
         log.exception("webhook_routing_failed", event_type=event_type)
-        return [], f"routing failed: {type(exc).__name__}"
-    return await routing.resolve(session, hint), None
+        return routing.RouteHint(), f"routing failed: {type(exc).__name__}"
 
 
 async def _store_scopes(
@@ -152,47 +153,74 @@ async def record_delivery(
     A webhook-id we already hold is a redelivery: nothing is written. Two processes
     racing on the same id: the second one's insert does nothing, so it is a duplicate too.
     """
-    scopes, routing_error = await _route_safely(session, event_type, envelope.get("data"))
+    hint, routing_error = _hint_safely(event_type, envelope.get("data"))
     routed = routing_error is None
-    # One statement decides new vs redelivery (the webhook-id is the primary key), so the
-    # hot path costs a single round trip; a concurrent twin loses here, not at commit.
-    inserted = (
-        await session.execute(
-            insert_ignoring_conflict(session, WebhookDelivery)
-            .values(
-                webhook_id=webhook_id,
-                event_type=event_type[:64],
-                event_timestamp=parse_event_timestamp(envelope.get("timestamp")),
-                payload=payload,
-                received_at=now,
-                routed_at=now if routed else None,
-                processed_at=now if routed and not scopes else None,
-                outcome="ignored" if routed and not scopes else None,
-                error=routing_error,
-            )
-            .returning(col(WebhookDelivery.webhook_id))
-        )
-    ).scalar_one_or_none()
-    if inserted is None:
+    # Database errors of routing propagate (the delivery is refused with 503, and retried).
+    scopes = await routing.resolve(session, hint) if routed else []
+    values = (
+        webhook_id,
+        event_type[:64],
+        parse_event_timestamp(envelope.get("timestamp")),
+        payload,
+        now,
+        now if routed else None,
+        now if routed and not scopes else None,
+        "ignored" if routed and not scopes else None,
+        routing_error,
+    )
+    # One statement decides new vs redelivery (the webhook-id is the primary key): a
+    # concurrent twin loses here, not at commit. Driver statements: every webhook runs
+    # this, and SQLAlchemy's ORM insert cost the receiver more than the rest of a request.
+    db = await driver_statements(session)
+    if not await _insert_delivery(db, values, scopes):
         # A redelivery: answered without new work. Should its first receipt never have
         # reached Redis, the sweeper requests its sync.
         return Recorded(duplicate=True)
-    if routed and scopes:
-        await session.execute(
-            insert_ignoring_conflict(session, WebhookDeliveryScope),
-            [
-                {
-                    "webhook_id": webhook_id,
-                    "scope_kind": ref.kind,
-                    "scope_id": ref.scope_id,
-                    "received_at": now,
-                    "processed_at": None,
-                    "sync_run_id": None,
-                }
-                for ref in scopes
-            ],
-        )
     return Recorded(duplicate=False, scopes=tuple(scopes), routed=routed)
+
+
+_DELIVERY_COLUMNS = (
+    "webhook_id, event_type, event_timestamp, payload, received_at, routed_at, "
+    "processed_at, outcome, error"
+)
+_TIMESTAMPS_AT = (2, 4, 5, 6)  # positions of the timestamps in a delivery's values
+
+
+async def _insert_delivery(
+    db: DriverStatements, values: tuple[Any, ...], scopes: list[ScopeRef]
+) -> bool:
+    """Insert the delivery and its scopes unless its webhook-id is known; True if new."""
+    stored = tuple(
+        db.timestamp(v) if i in _TIMESTAMPS_AT and v is not None else v
+        for i, v in enumerate(values)
+    )
+    if db.dialect == "sqlite":
+        inserted = await db.fetch(
+            f"INSERT INTO webhook_delivery ({_DELIVERY_COLUMNS}) "  # noqa: S608
+            "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) "
+            "ON CONFLICT (webhook_id) DO NOTHING RETURNING webhook_id",
+            stored,
+        )
+        if inserted and scopes:
+            await db.executemany(
+                "INSERT INTO webhook_delivery_scope "
+                "(webhook_id, scope_kind, scope_id, received_at) VALUES (?1, ?2, ?3, ?4)",
+                [(values[0], ref.kind, ref.scope_id, stored[4]) for ref in scopes],
+            )
+        return bool(inserted)
+    # PostgreSQL: both inserts in one statement (one round trip).
+    [(inserted,)] = await db.fetch(
+        f"WITH delivery AS (INSERT INTO webhook_delivery ({_DELIVERY_COLUMNS}) "  # noqa: S608
+        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) "
+        "ON CONFLICT (webhook_id) DO NOTHING RETURNING webhook_id), "
+        "scopes AS (INSERT INTO webhook_delivery_scope "
+        "(webhook_id, scope_kind, scope_id, received_at) "
+        "SELECT delivery.webhook_id, s.kind, s.id, $5 "
+        "FROM delivery, unnest($10::varchar[], $11::varchar[]) AS s(kind, id)) "
+        "SELECT count(*) FROM delivery",
+        (*stored, [ref.kind for ref in scopes], [ref.scope_id for ref in scopes]),
+    )
+    return bool(inserted)
 
 
 # ---------------------------------------------------------------------- sweeping
@@ -234,12 +262,11 @@ async def route_unrouted(session: AsyncSession, *, now: datetime, limit: int = 5
             delivery.processed_at, delivery.outcome = now, "failed"
             delivery.error = "stored payload is not a JSON object"
             continue
-        scopes, routing_error = await _route_safely(
-            session, delivery.event_type, envelope.get("data")
-        )
+        hint, routing_error = _hint_safely(delivery.event_type, envelope.get("data"))
         if routing_error is not None:
             delivery.error = routing_error
             continue
+        scopes = await routing.resolve(session, hint)
         delivery.error = None
         await _store_scopes(session, delivery, scopes, now)
         routed += 1

@@ -54,6 +54,11 @@ class RouteHint:
     customer_emails: tuple[str, ...] = field(default=())
 
     @property
+    def needs_mirror(self) -> bool:
+        """Whether `resolve` must look in the mirror (else the payload's scopes are all)."""
+        return bool(self.if_known or self.seat_id is not None or self.follows_people)
+
+    @property
     def follows_people(self) -> bool:
         """Routed by who holds seats, which Polar changes without a seat webhook."""
         return bool(
@@ -158,6 +163,8 @@ def _scope_of_seat(subscription_id: str | None, order_id: str | None) -> ScopeRe
 
 async def resolve(session: AsyncSession, hint: RouteHint) -> list[ScopeRef]:
     """The hint's scopes plus those only the mirror knows (a person's seats, known containers)."""
+    if not hint.needs_mirror:
+        return _dedupe(hint.scopes)
     found = list(hint.scopes)
     for ref in hint.if_known:
         if await session.get(SeatScope, (ref.kind, ref.scope_id)) is not None:

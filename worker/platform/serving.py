@@ -36,6 +36,7 @@ def uvicorn_config(app: ASGIApp, *, host: str, port: int) -> uvicorn.Config:
         host=host,
         port=port,
         lifespan="on",
+        http="httptools",  # a dependency: parses requests in C (h11 is pure Python)
         log_config=None,
         access_log=False,
         proxy_headers=True,
