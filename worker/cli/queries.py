@@ -260,8 +260,29 @@ class _StopFollowingError(Exception):
     """SIGINT or SIGTERM while following the feed: finish the output and exit 0."""
 
 
-def _stop(signum: int, frame: FrameType | None) -> None:
-    raise _StopFollowingError
+class _Interruption:
+    """SIGINT or SIGTERM while following: noted at once, acted on only where nothing is in
+    flight. Raising from the handler in the middle of a query left the connection broken,
+    and closing it then failed the command (exit 1 instead of 0)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._sleeping = False
+
+    def handle(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = True
+        if self._sleeping:
+            raise _StopFollowingError
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep, unless interrupted before or during it (then raise)."""
+        if self.requested:
+            raise _StopFollowingError
+        self._sleeping = True
+        try:
+            time.sleep(seconds)
+        finally:
+            self._sleeping = False
 
 
 @commands.command()
@@ -295,13 +316,15 @@ def changes(
         emit_rows(found, fmt, columns=shown, title=title, keys=CHANGE_KEYS)
         return
     stream = RowStream(fmt, shown, CHANGE_KEYS)
-    # Interrupting --follow is how it ends: stop between rows, close the output, exit 0.
+    # Interrupting --follow is how it ends: stop between rows or while waiting for new
+    # ones (never inside a query), close the output, exit 0.
+    interruption = _Interruption()
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _stop)
+        signal.signal(signum, interruption.handle)
 
     def wait() -> None:
         stream.flush()
-        time.sleep(interval)
+        interruption.sleep(interval)
 
     rows = feed(settings, after, follow=True, limit=limit, wait=wait)
     stream.start()
@@ -309,6 +332,8 @@ def changes(
         for row in rows:
             stream.write(row)
             stream.flush()
+            if interruption.requested:
+                break
     except _StopFollowingError:
         pass
     finally:
