@@ -2,9 +2,12 @@
 seats into SQLite and PostgreSQL, beside a plain `executemany` upsert of the same seat rows
 through the same driver (aiosqlite / asyncpg), each scope in its own transaction.
 
-Times cover the database work only: the seat lists are parsed (`SeatsList`) beforehand,
-exactly what `sync_scope` hands to `reconcile_scope` after its fetch; the no-op resync gets
-a fresh parse of the same list, as a new fetch would. Both sides open their connection
+Times cover the database work only: the seat lists are parsed from answer bytes
+(`SeatsList.from_body`) beforehand, exactly what `sync_scope` hands to `reconcile_scope`
+after its fetch. The no-op resync gets a fresh parse of the same answer, as a new fetch of
+an unchanged scope would (`seat_scope.list_digest` recognises it); a second no-op gets the
+same seats in reversed order (another answer: Polar guarantees no order), which reconcile
+compares seat by seat. Both sides open their connection
 and prepare their statements before the clock starts (the worker keeps a pool). Per scope,
 its initial load, its no-op resync and the reference upsert run back to back, so the three
 share the machine's load of the moment; each shape is measured `--repeat` times with fresh
@@ -72,14 +75,14 @@ def seat_dict(scope_id: str, number: int, now: datetime) -> dict[str, Any]:
 
 
 def make_lists(scopes: int, seats: int) -> dict[str, SeatsList]:
+    """Lists as the worker gets them: parsed from Polar's answer (`SeatsList.from_body`)."""
     now = datetime.now(UTC)
     lists = {}
     for _ in range(scopes):
         scope_id = str(uuid.uuid4())
         raw = [seat_dict(scope_id, n, now) for n in range(seats)]
-        lists[scope_id] = SeatsList.model_validate(
-            {"seats": raw, "total_seats": seats, "available_seats": 0}
-        )
+        built = SeatsList.model_validate({"seats": raw, "total_seats": seats, "available_seats": 0})
+        lists[scope_id] = SeatsList.from_body(built.model_dump_json().encode())
     return lists
 
 
@@ -100,9 +103,18 @@ async def reconcile_one(
     return time.perf_counter() - started, result.written
 
 
+def reordered(seats: SeatsList) -> SeatsList:
+    """The same seats in another order (reversed), parsed from that answer: Polar guarantees
+    no order, so an unchanged scope may come back so; reconcile then compares seat by seat."""
+    listing = seats.model_dump(mode="json")
+    listing["seats"].reverse()
+    return SeatsList.from_body(json.dumps(listing).encode())
+
+
 def reparsed(seats: SeatsList) -> SeatsList:
-    """The same list parsed again, as the next fetch of an unchanged scope would give it."""
-    return SeatsList.model_validate_json(seats.model_dump_json())
+    """The same list parsed again from the same answer, as the next fetch of an unchanged
+    scope gives it."""
+    return SeatsList.from_body(seats.model_dump_json().encode())
 
 
 COLUMNS = ("id", *POLAR_COLUMNS, "synced_at")
@@ -204,6 +216,7 @@ async def measure_once(backend: str, shape: str) -> dict[str, Any]:
     scopes, seats = SHAPES[shape]
     lists = make_lists(scopes, seats)
     again = {scope_id: reparsed(seat_list) for scope_id, seat_list in lists.items()}
+    shuffled = {scope_id: reordered(seat_list) for scope_id, seat_list in lists.items()}
     now = datetime.now(UTC)
     rows = {scope_id: upsert_rows(seat_list, now) for scope_id, seat_list in lists.items()}
     ((warm_id, warm),) = make_lists(1, 50).items()
@@ -211,7 +224,7 @@ async def measure_once(backend: str, shape: str) -> dict[str, Any]:
     # collector from rescanning them inside whichever timing happens to trigger it.
     gc.collect()
     gc.freeze()
-    initial = noop = reference = floor = 0.0
+    initial = noop = compared = reference = floor = 0.0
     written = noop_written = 0
     async with (
         database(backend, "reconcile") as url,
@@ -234,6 +247,9 @@ async def measure_once(backend: str, shape: str) -> dict[str, Any]:
                 seconds, count = await reconcile_one(sessions, scope_id, seat_list)
                 noop, noop_written = noop + seconds, noop_written + count
                 floor += await scope_floor(sessions, scope_id)
+            for scope_id, seat_list in shuffled.items():
+                seconds, count = await reconcile_one(sessions, scope_id, seat_list)
+                compared, noop_written = compared + seconds, noop_written + count
         finally:
             await engine.dispose()
             gc.unfreeze()
@@ -251,6 +267,8 @@ async def measure_once(backend: str, shape: str) -> dict[str, Any]:
         "floor_s": floor,
         "initial_over_reference": initial / reference,
         "noop_over_initial": noop / initial,
+        "compared_s": compared,
+        "compared_over_initial": compared / initial,
         "floor_over_initial": floor / initial,
     }
 
@@ -276,6 +294,8 @@ async def measure(backend: str, shape: str, repeat: int) -> dict[str, Any]:
                 "noop_s",
                 "initial_over_reference",
                 "noop_over_initial",
+                "compared_s",
+                "compared_over_initial",
                 "floor_s",
                 "floor_over_initial",
             )
@@ -324,6 +344,14 @@ async def main(backends: Sequence[str], repeat: int) -> None:
                 f"rows written: {run['rows_written_by_noop']}",
                 "<= 0.3x, 0 rows",
                 noop_ratio <= 0.3 and run["rows_written_by_noop"] == 0,
+            ),
+            Figure(
+                f"{label} no-op, reordered / initial",
+                round(run["compared_over_initial"], 3),
+                f"each repeat: {_spread(run, 'compared_over_initial')}; the same seats in "
+                f"another order: compared seat by seat ({run['compared_s'] * 1000:,.1f} ms)",
+                "<= 0.3x, 0 rows",
+                run["compared_over_initial"] <= 0.3 and run["rows_written_by_noop"] == 0,
             ),
             Figure(
                 f"{label} floor / initial",

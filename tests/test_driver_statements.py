@@ -147,6 +147,54 @@ async def test_driver_writes_are_committed_with_the_transaction(
     assert await stored_scope_ids(sessions) == {"first", "second"}
 
 
+SCOPE_COLUMNS = ("kind", "scope_id", "created_at", "consecutive_failures")
+
+
+def scope_rows(db: DriverStatements, *scope_ids: str) -> list[tuple[object, ...]]:
+    return [("subscription", s, db.timestamp(utcnow()), 0) for s in scope_ids]
+
+
+async def test_inserted_rows_are_committed_or_rolled_back_with_the_transaction(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    # PostgreSQL appends them with COPY inside the transaction (after its first statement).
+    async def insert(abandon: bool, *scope_ids: str) -> None:
+        async with transaction(sessions) as session:
+            db = await driver_statements(session)
+            await add_scope(db, f"before-{scope_ids[0]}")
+            await db.insert_rows("seat_scope", SCOPE_COLUMNS, scope_rows(db, *scope_ids))
+            if abandon:
+                raise AbandonedError
+
+    with pytest.raises(AbandonedError):
+        await insert(True, "dropped-1", "dropped-2")
+    await insert(False, "kept-1", "kept-2")
+
+    assert await stored_scope_ids(sessions) == {"before-kept-1", "kept-1", "kept-2"}
+
+
+async def test_inserted_rows_that_violate_a_key_fail_without_their_parameters(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    # The key itself may be named (PostgreSQL's DETAIL); the other values never are.
+    marker = 987_654_321
+
+    async def insert_twice() -> None:
+        async with transaction(sessions) as session:
+            db = await driver_statements(session)
+            await add_scope(db, "taken")
+            rows = [(*row[:3], marker) for row in scope_rows(db, "new", "taken")]
+            await db.insert_rows("seat_scope", SCOPE_COLUMNS, rows)
+
+    with pytest.raises(DBAPIError) as raised:
+        await insert_twice()
+
+    assert "seat_scope" in str(raised.value)
+    assert str(marker) not in str(raised.value)
+    assert not is_retryable_db_error(raised.value)
+    assert await stored_scope_ids(sessions) == set()
+
+
 # ---------------------------------------------------------------------- PostgreSQL
 
 

@@ -116,6 +116,9 @@ class SeatScope(SQLModel, table=True):
     last_error: str | None = Field(default=None, sa_column=Column(Text))
     consecutive_failures: int = 0
     gone_at: datetime | None = _ts()
+    # Digest of the last list answer's body and of its seats' digests (migration 0005): a
+    # resync of the same body checks the stored seat digests instead of every seat.
+    list_digest: bytes | None = Field(default=None, sa_column=Column(LargeBinary))
 
 
 class SeatChange(SQLModel, table=True):

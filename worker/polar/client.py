@@ -192,7 +192,10 @@ class PolarClient:
         params: dict[str, Any] | None = None,
         body: dict[str, Any] | None = None,
         sent_at: list[datetime] | None = None,
+        raw: bool = False,
     ) -> Any:
+        """Spend from the budget, send, turn every answer but a 2xx into an error; the
+        decoded JSON, or with `raw` the body's bytes."""
         if self._budget is not None:
             await self._budget.acquire(lane)
         if sent_at is not None:
@@ -225,6 +228,8 @@ class PolarClient:
             if isinstance(error, PolarMisconfiguredError):
                 metrics.POLAR_MISCONFIGURED.inc()
             raise error
+        if raw:
+            return response.content
         try:
             return response.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -235,10 +240,7 @@ class PolarClient:
         try:
             return model.model_validate(data)
         except ValidationError as exc:
-            raise InvalidRequestError(
-                f"{what}: unexpected response shape ({exc.error_count()} errors, first: "
-                f"{exc.errors()[0]['loc']} {exc.errors()[0]['msg']})"
-            ) from None
+            raise _unexpected_shape(exc, what=what) from None
 
     async def list_seats(
         self,
@@ -260,10 +262,24 @@ class PolarClient:
             if subscription_id is not None
             else f"list seats of order {order_id}"
         )
-        data = await self._request(
-            "GET", "/v1/customer-seats", what=what, lane=lane, params=params, sent_at=sent_at
+        body = await self._request(
+            "GET",
+            "/v1/customer-seats",
+            what=what,
+            lane=lane,
+            params=params,
+            sent_at=sent_at,
+            raw=True,
         )
-        return self._parse(SeatsList, data, what=what)
+        # Parsed from the bytes (no intermediate dicts), whose digest the list keeps.
+        try:
+            return SeatsList.from_body(body)
+        except ValidationError as exc:
+            if any(error["type"] == "json_invalid" for error in exc.errors()):
+                raise TransientError(
+                    f"{what}: Polar answered with a body that is not JSON"
+                ) from None
+            raise _unexpected_shape(exc, what=what) from None
 
     async def list_scope_seats(
         self,
@@ -343,3 +359,11 @@ class PolarClient:
             lane=lane,
             filters={"product_billing_type": "one_time"},
         )
+
+
+def _unexpected_shape(exc: ValidationError, *, what: str) -> InvalidRequestError:
+    first = exc.errors()[0]
+    return InvalidRequestError(
+        f"{what}: unexpected response shape ({exc.error_count()} errors, first: "
+        f"{first['loc']} {first['msg']})"
+    )

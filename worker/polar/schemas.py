@@ -4,9 +4,10 @@ the same shapes). Unknown keys are ignored, so Polar may add fields without brea
 from __future__ import annotations
 
 from datetime import datetime
+from hashlib import sha1
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, PrivateAttr
 
 
 class PolarModel(BaseModel):
@@ -53,6 +54,21 @@ class SeatsList(PolarModel):
     seats: list[CustomerSeat]
     available_seats: int
     total_seats: int
+    _body_digest: bytes | None = PrivateAttr(default=None)
+
+    @classmethod
+    def from_body(cls, body: bytes) -> SeatsList:
+        """Parse Polar's answer as it came, and remember the SHA-1 of its bytes: a resync
+        that gets the very same answer need not compare the seats one by one (see
+        `seat_scope.list_digest`). Raises pydantic's ValidationError."""
+        parsed = cls.model_validate_json(body)
+        parsed._body_digest = sha1(body, usedforsecurity=False).digest()
+        return parsed
+
+    @property
+    def body_digest(self) -> bytes | None:
+        """SHA-1 of the answer this list was parsed from (None: not parsed from one)."""
+        return self._body_digest
 
 
 class Price(PolarModel):

@@ -9,20 +9,24 @@ driver stores exactly once, compares and writes those without per-value bind or 
 processing, and runs a handful of statements per scope whatever the number of seats, each
 straight on the driver connection of the session's transaction (`driver_statements`):
 
-1. **Convert and digest.** Polar's list becomes storage rows: one tuple per seat, every
+1. **Convert and digest** (later, at step 3, for a list parsed from Polar's answer:
+   `SeatsList.from_body`). Polar's list becomes storage rows: one tuple per seat, every
    timestamp already in the database's form (SQLite: naive UTC text
    `YYYY-MM-DD HH:MM:SS.ffffff`; PostgreSQL: an aware `datetime`), the metadata as JSON
-   text; and each seat gets an 8-byte digest of that row in SQLite's form (`_digest`). No
-   statement has run yet, so on SQLite this happens before the write lock is taken.
+   text; and each seat gets an 8-byte digest of that row in SQLite's form (`_digest`).
 2. **Claim the scope.** One upsert of seat_scope writes the scope's new state (counts,
    `last_synced_at`, `last_fetch_started_at`, errors cleared) only when no newer fetch has
-   landed, and takes the scope's row lock. Nothing returned: a newer fetch landed first, and
-   ours would move the mirror back; stop (`stale`), writing nothing.
-3. **Load** the scope's `(id, polar_digest, gone_at)`. A live stored seat whose digest is
-   the listed one is unchanged: seat-sync wrote exactly these values, and the trigger
-   `seat_polar_digest_guard` clears the digest of a row anyone else edits. The full rows
-   (Polar's columns and `gone_at`, exactly as stored) are loaded only for the others: a
-   different or NULL digest, a seat that was gone, a seat no longer listed.
+   landed, takes the scope's row lock, and returns the scope's `list_digest`. Nothing
+   returned: a newer fetch landed first, and ours would move the mirror back; stop
+   (`stale`), writing nothing.
+3. **Load** the scope's `(id, polar_digest, gone_at)`. The very answer reconciled last (its
+   body's SHA-1 opens `list_digest`) changes nothing when the stored seat digests are still
+   the ones recorded with it (`_same_as_stored`): nothing is converted or compared, and the
+   sync goes on to step 7. Otherwise the list is converted (step 1), and a live stored seat
+   whose digest is the listed one is unchanged: seat-sync wrote exactly these values, and
+   the trigger `seat_polar_digest_guard` clears the digest of a row anyone else edits. The
+   full rows (Polar's columns and `gone_at`, exactly as stored) are loaded only for the
+   others: a different or NULL digest, a seat that was gone, a seat no longer listed.
    `trust_digests=False` (`seat-sync verify --repair`) loads and compares every row.
 4. **Insert the seats the scope does not have** (`ON CONFLICT (id) DO NOTHING`). An id that
    already exists under another container (a Polar bug, but it must not crash us) is not
@@ -36,8 +40,9 @@ straight on the driver connection of the session's transaction (`driver_statemen
    (`returned`, `status`, `holder`, or none for other fields), and a stored row of this
    scope missing from the list is `gone`.
 6. **Write** the plan: the updated rows with their digests, the digests of rows found
-   equal, the gone ids, then the history rows, each one statement (PostgreSQL: `unnest` of
-   arrays) or one `executemany` (SQLite).
+   equal, the gone ids, each one statement (PostgreSQL: `unnest` of arrays) or one
+   `executemany` (SQLite); then the history rows (PostgreSQL: one binary COPY), and the
+   scope's new `list_digest` (the body's digest and that of its seats' digests).
 7. **Answer the inbox**: every delivery for this scope received before the fetch started is
    marked processed (`inbox.mark_scope_synced`).
 """
@@ -60,7 +65,11 @@ from sqlmodel import col
 
 from worker.intake import inbox
 from worker.models import SeatScope
-from worker.platform.db import DriverStatements, driver_statements, insert_ignoring_conflict
+from worker.platform.db import (
+    DriverStatements,
+    driver_statements,
+    insert_ignoring_conflict,
+)
 from worker.polar.schemas import CustomerSeat, SeatsList
 
 # Columns Polar owns; `synced_at` and `gone_at` are ours.
@@ -392,9 +401,21 @@ class _Backend:
         """("id", *POLAR_COLUMNS) of one seat, every value in storage form."""
         return _Converter(self).row(seat)
 
-    async def claim_scope(self, db: DriverStatements, values: Row) -> bool:
-        """Write the scope's new state unless a newer fetch landed; True when written."""
-        return bool(await db.fetch(self.claim_sql, values))
+    async def claim_scope(self, db: DriverStatements, values: Row) -> tuple[bool, bytes | None]:
+        """Write the scope's new state unless a newer fetch landed: (whether written, the
+        scope's stored `list_digest`)."""
+        rows = await db.fetch(self.claim_sql, values)
+        return (True, _bytes(rows[0][0])) if rows else (False, None)
+
+    async def set_list_digest(
+        self, db: DriverStatements, kind: str, scope_id: str, digest: bytes | None
+    ) -> None:
+        m = db.mark
+        await db.execute(
+            f"UPDATE seat_scope SET list_digest = {m(1)} "  # noqa: S608 (placeholders only)
+            f"WHERE kind = {m(2)} AND scope_id = {m(3)}",
+            (digest, kind, scope_id),
+        )
 
     async def load_digests(self, db: DriverStatements, kind: str, scope_id: str) -> list[Row]:
         """(id, polar_digest, gone_at) of every stored seat of the scope."""
@@ -449,7 +470,7 @@ def _claim_sql(marks: Sequence[str]) -> str:
         f"ON CONFLICT (kind, scope_id) DO UPDATE SET {sets}, last_error = NULL, gone_at = NULL "
         "WHERE seat_scope.last_fetch_started_at IS NULL "
         "OR seat_scope.last_fetch_started_at <= excluded.last_fetch_started_at "
-        "RETURNING kind"
+        "RETURNING list_digest"
     )
 
 
@@ -483,10 +504,6 @@ class _SQLite(_Backend):
         self.gone_sql = (
             "UPDATE seat SET gone_at = ?, synced_at = ? "
             "WHERE id IN (SELECT value FROM json_each(?))"
-        )
-        self.history_sql = (
-            f"INSERT INTO seat_change ({', '.join(_CHANGE_COLUMNS)}) "  # noqa: S608
-            f"VALUES ({', '.join('?' for _ in _CHANGE_COLUMNS)})"
         )
 
     def timestamp(self, value: datetime | None) -> str | None:
@@ -532,7 +549,7 @@ class _SQLite(_Backend):
         await db.execute(self.gone_sql, (now, now, json.dumps(ids)))
 
     async def add_history(self, db: DriverStatements, rows: list[Row]) -> None:
-        await db.executemany(self.history_sql, rows)
+        await db.insert_rows("seat_change", _CHANGE_COLUMNS, rows)
 
 
 class _PostgreSQL(_Backend):
@@ -570,11 +587,6 @@ class _PostgreSQL(_Backend):
             "UPDATE seat SET polar_digest = v.digest "
             "FROM unnest($1::varchar[], $2::bytea[]) AS v(id, digest) WHERE seat.id = v.id"
         )
-        history = ", ".join(f"${n}::{self._type(c)}[]" for n, c in enumerate(_CHANGE_COLUMNS, 1))
-        self.history_sql = (
-            f"INSERT INTO seat_change ({', '.join(_CHANGE_COLUMNS)}) "  # noqa: S608
-            f"SELECT * FROM unnest({history})"
-        )
 
     @staticmethod
     def _stored() -> str:
@@ -587,8 +599,6 @@ class _PostgreSQL(_Backend):
         # codec, and it is the text we compare with.
         if column.endswith("_at"):
             return "timestamptz"
-        if column == "sync_run_id":
-            return "integer"
         if column == "polar_digest":
             return "bytea"
         return "text"
@@ -628,7 +638,7 @@ class _PostgreSQL(_Backend):
         await db.execute(self.gone_sql, (now, ids))
 
     async def add_history(self, db: DriverStatements, rows: list[Row]) -> None:
-        await db.execute(self.history_sql, _columns(rows, len(_CHANGE_COLUMNS)))
+        await db.insert_rows("seat_change", _CHANGE_COLUMNS, rows)
 
 
 def _columns(rows: Sequence[Row], width: int) -> tuple[list[Any], ...]:
@@ -747,6 +757,46 @@ def _diff(
     return plan
 
 
+# ---------------------------------------------------------------------- unchanged answers
+
+
+def _bytes(value: Any) -> bytes | None:
+    return None if value is None else bytes(value)  # asyncpg and sqlite3 agree on bytes
+
+
+def _list_digest(body_digest: bytes | None, seat_digests: Iterable[bytes]) -> bytes | None:
+    """`seat_scope.list_digest`: the answer's body digest, then SHA-1 of its seats' digests
+    in list order (None for a list not parsed from an answer)."""
+    if body_digest is None:
+        return None
+    return body_digest + sha1(b"".join(seat_digests), usedforsecurity=False).digest()
+
+
+def _same_as_stored(
+    seats: Sequence[CustomerSeat],
+    body_digest: bytes,
+    stored_list_digest: bytes | None,
+    stored: Sequence[Row],
+) -> bool:
+    """Whether the scope's stored seats are exactly what reconciling this answer would
+    write: the stored list digest names the same body, every listed seat is stored live in
+    the scope under a digest, those digests are the ones recorded with that body, and the
+    scope holds no other live seat. A row anyone else edited has a NULL digest (the guard
+    trigger) and a deleted one is missing, so either fails this."""
+    if stored_list_digest is None or stored_list_digest[: len(body_digest)] != body_digest:
+        return False
+    by_id = {row[0]: row for row in stored}
+    listed = dict.fromkeys(seat.id for seat in seats)
+    digests: list[bytes] = []
+    for seat_id in listed:
+        row = by_id.get(seat_id)
+        if row is None or row[1] is None or row[2] is not None:
+            return False
+        digests.append(bytes(row[1]))
+    live = sum(1 for row in stored if row[2] is None)
+    return live == len(listed) and _list_digest(body_digest, digests) == stored_list_digest
+
+
 # ---------------------------------------------------------------------- reconcile
 
 
@@ -768,14 +818,27 @@ async def reconcile_scope(
         raise ValueError(f"unknown scope kind {kind!r}")
     result = ReconcileResult(total_seats=seats.total_seats, available_seats=seats.available_seats)
     backend = _BACKENDS[session.get_bind().dialect.name]
-    # 1. Convert and digest (before the first statement: on SQLite, before the write lock).
     ts = backend.timestamp
     stamp = ts(now)
-    fresh, digests = _converted(backend, seats.seats)
+    # 1. Convert and digest, once the answer is known to differ from the last one stored
+    # (a list not parsed from an answer: at once; on SQLite before the write lock).
+    body_digest = seats.body_digest
+    # The body digest to look for among the stored ones (None: compare seat by seat).
+    same_body = body_digest if trust_digests else None
+    converted = None
+    if backend is _TEXT_FORM and same_body is None:
+        converted = _converted(backend, seats.seats)
+
+    async def answer_inbox() -> None:
+        # 7. Answer the inbox.
+        await inbox.mark_scope_synced(
+            session, kind=kind, scope_id=scope_id, fetched_after=fetch_started_at, now=now,
+            sync_run_id=sync_run_id,
+        )  # fmt: skip
 
     # 2. Claim the scope.
     db = await driver_statements(session)
-    claimed = await backend.claim_scope(
+    claimed, stored_list_digest = await backend.claim_scope(
         db,
         (
             kind,
@@ -793,10 +856,19 @@ async def reconcile_scope(
         result.stale = True  # a newer fetch already landed; ours would move the mirror back
         return result
 
-    # 3. Load the scope's digests; the rows themselves only where they may differ.
+    # 3. Load the scope's digests: the very answer stored last changes nothing; otherwise
+    # the rows themselves only where they may differ.
+    stored_rows = await backend.load_digests(db, kind, scope_id)
+    if same_body is not None and _same_as_stored(
+        seats.seats, same_body, stored_list_digest, stored_rows
+    ):
+        result.unchanged = len(dict.fromkeys(seat.id for seat in seats.seats))
+        await answer_inbox()
+        return result
+    fresh, digests = converted or _converted(backend, seats.seats)
     stored_digests: dict[str, bytes | None] = {}
     check: list[str] = []
-    for seat_id, digest, gone_at in await backend.load_digests(db, kind, scope_id):
+    for seat_id, digest, gone_at in stored_rows:
         stored_digests[seat_id] = digest
         if seat_id in digests:
             if not trust_digests or gone_at is not None or digest != digests[seat_id]:
@@ -843,16 +915,12 @@ async def reconcile_scope(
         await backend.mark_gone(db, plan.gone, stamp)
     if plan.history:
         await backend.add_history(db, plan.history)
+    # Every listed seat is now stored under its digest: record them with the body.
+    list_digest = _list_digest(body_digest, digests.values())
+    if list_digest != stored_list_digest:
+        await backend.set_list_digest(db, kind, scope_id, list_digest)
 
-    # 7. Answer the inbox.
-    await inbox.mark_scope_synced(
-        session,
-        kind=kind,
-        scope_id=scope_id,
-        fetched_after=fetch_started_at,
-        now=now,
-        sync_run_id=sync_run_id,
-    )
+    await answer_inbox()
     result.inserted, result.updated = plan.inserted, plan.updated
     result.unchanged, result.gone = plan.unchanged, len(plan.gone)
     result.changes = [
