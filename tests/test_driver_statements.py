@@ -207,6 +207,26 @@ def pg_sessions(
     return sessions
 
 
+async def test_autocommit_sessions_commit_each_statement_on_its_own(
+    engine: AsyncEngine, pg_sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    autocommit = platform_db.session_factory(engine, autocommit=True)
+
+    async def write_then_abandon() -> None:
+        async with transaction(autocommit) as session:
+            db = await driver_statements(session)
+            await add_scope(db, "first")
+            # Already visible to everyone else: no transaction holds it back.
+            assert await stored_scope_ids(pg_sessions) == {"first"}
+            await add_scope(db, "second")
+            raise AbandonedError
+
+    with pytest.raises(AbandonedError):
+        await write_then_abandon()
+
+    assert await stored_scope_ids(pg_sessions) == {"first", "second"}
+
+
 async def terminate(database_url: str, *pids: int) -> list[int]:
     """Terminate the given backends, or every `seat-sync` backend on the test's database,
     as an administrator would, and wait until they are gone; the pids terminated."""

@@ -36,7 +36,7 @@ from tests.support.webhooks import (
 from worker import queue
 from worker.config import Settings
 from worker.intake import receiver
-from worker.intake.receiver import MAX_BODY_BYTES, running, serve
+from worker.intake.receiver import MAX_BODY_BYTES, RECEIVER_POOL_SIZE, running, serve
 from worker.intake.signature import SignatureRejectedError, signing_keys, verify_signature
 from worker.models import WebhookDelivery, WebhookDeliveryScope
 
@@ -384,6 +384,21 @@ async def test_concurrent_redeliveries_store_one_row(
     assert codes.count(202) == 1
     assert set(codes) <= {200, 202}
     assert await stored(receiver_settings) == (1, 1)
+
+
+async def test_a_burst_beyond_the_connection_pool_is_answered_and_stored_in_full(
+    url: str, client: httpx.AsyncClient, receiver_settings: Settings
+) -> None:
+    # Five times the receiver's PostgreSQL pool (no overflow): requests wait their turn.
+    count = 5 * RECEIVER_POOL_SIZE
+    bodies = [seat_event(str(uuid.uuid4())) for _ in range(count)]
+
+    responses = await asyncio.gather(
+        *(client.post(url, content=body, headers=signed_headers(body)) for body in bodies)
+    )
+
+    assert [r.status_code for r in responses] == [202] * count
+    assert await stored(receiver_settings) == (count, count)
 
 
 async def test_redis_down_still_acknowledges_a_durable_delivery(

@@ -50,6 +50,8 @@ MAX_BODY_BYTES = 1024 * 1024
 MAX_WEBHOOK_ID_LENGTH = 255
 # Polar gives up after 10 s and wants an answer within 2 s.
 DATABASE_TIMEOUT_SECONDS = 8.0
+# PostgreSQL connections of one web process (no overflow: see the lifespan).
+RECEIVER_POOL_SIZE = 10
 ENQUEUE_TIMEOUT_SECONDS = 1.0
 CHECK_TIMEOUT_SECONDS = 2.0
 
@@ -434,11 +436,19 @@ def create_app(settings: Settings, *, redis_url: str | None = None) -> Starlette
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         # SQLite: poll the write lock every 3 ms, not in the busy handler's growing steps.
-        engine = create_engine(settings.database_url, lock_poll_seconds=0.003)
+        # PostgreSQL: a burst waits for one of 10 pooled connections instead of opening
+        # (and closing again) one per request beyond them; each delivery is one statement
+        # (inbox._insert_delivery), committed on its own.
+        engine = create_engine(
+            settings.database_url,
+            lock_poll_seconds=0.003,
+            pool_size=RECEIVER_POOL_SIZE,
+            max_overflow=0,
+        )
         receiver = Receiver(
             secret=secret,
             engine=engine,
-            sessions=session_factory(engine),
+            sessions=session_factory(engine, autocommit=True),
             redis=lazy_redis(redis_url) if redis_url else None,
             window=queue.SyncWindow.of(settings),
         )

@@ -79,6 +79,7 @@ def create_engine(
     *,
     read_only: bool = False,
     pool_size: int = 5,
+    max_overflow: int | None = None,
     lock_poll_seconds: float | None = None,
 ) -> AsyncEngine:
     """An engine for DATABASE_URL. Created at startup, disposed at shutdown (no I/O at import).
@@ -88,6 +89,9 @@ def create_engine(
     one sleeps longer the longer it has waited (25, 50, then 100 ms steps), so a writer that
     has waited a while loses the lock to every newcomer, which polls at 1 ms; the webhook
     receiver, whose writes are short, polls in short fixed steps instead.
+
+    PostgreSQL keeps `pool_size` connections and opens up to `max_overflow` (default: as
+    many) more under load, each closed again when it is returned.
     """
     full = async_url(url)
     if is_sqlite(full):
@@ -111,7 +115,7 @@ def create_engine(
         full,
         hide_parameters=True,  # errors and logs never carry seat data or e-mails
         pool_size=pool_size,
-        max_overflow=pool_size,
+        max_overflow=pool_size if max_overflow is None else max_overflow,
         connect_args={
             "server_settings": {
                 "application_name": "seat-sync",
@@ -212,7 +216,14 @@ def insert_ignoring_conflict(session: AsyncSession, table: Any) -> Any:
     return sqlite.insert(table).on_conflict_do_nothing()
 
 
-def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+def session_factory(
+    engine: AsyncEngine, *, autocommit: bool = False
+) -> async_sessionmaker[AsyncSession]:
+    """Sessions of `engine`. `autocommit` (PostgreSQL; ignored on SQLite): no BEGIN and no
+    COMMIT, every statement commits on its own: for a unit of work that is one write
+    statement (the receiver's), two round trips fewer."""
+    if autocommit and engine.dialect.name == "postgresql":
+        engine = engine.execution_options(isolation_level="AUTOCOMMIT")
     return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
 
 
