@@ -189,7 +189,8 @@ _TIMESTAMPS_AT = (2, 4, 5, 6)  # positions of the timestamps in a delivery's val
 async def _insert_delivery(
     db: DriverStatements, values: tuple[Any, ...], scopes: list[ScopeRef]
 ) -> bool:
-    """Insert the delivery and its scopes unless its webhook-id is known; True if new."""
+    """Insert the delivery and its scopes unless its webhook-id is known; True if new.
+    (Scope rows left from an earlier life of the webhook-id are kept, as before.)"""
     stored = tuple(
         db.timestamp(v) if i in _TIMESTAMPS_AT and v is not None else v
         for i, v in enumerate(values)
@@ -204,7 +205,8 @@ async def _insert_delivery(
         if inserted and scopes:
             await db.executemany(
                 "INSERT INTO webhook_delivery_scope "
-                "(webhook_id, scope_kind, scope_id, received_at) VALUES (?1, ?2, ?3, ?4)",
+                "(webhook_id, scope_kind, scope_id, received_at) VALUES (?1, ?2, ?3, ?4) "
+                "ON CONFLICT DO NOTHING",
                 [(values[0], ref.kind, ref.scope_id, stored[4]) for ref in scopes],
             )
         return bool(inserted)
@@ -216,7 +218,8 @@ async def _insert_delivery(
         "scopes AS (INSERT INTO webhook_delivery_scope "
         "(webhook_id, scope_kind, scope_id, received_at) "
         "SELECT delivery.webhook_id, s.kind, s.id, $5 "
-        "FROM delivery, unnest($10::varchar[], $11::varchar[]) AS s(kind, id)) "
+        "FROM delivery, unnest($10::varchar[], $11::varchar[]) AS s(kind, id) "
+        "ON CONFLICT DO NOTHING) "
         "SELECT count(*) FROM delivery",
         (*stored, [ref.kind for ref in scopes], [ref.scope_id for ref in scopes]),
     )

@@ -65,11 +65,7 @@ from sqlmodel import col
 
 from worker.intake import inbox
 from worker.models import SeatScope
-from worker.platform.db import (
-    DriverStatements,
-    driver_statements,
-    insert_ignoring_conflict,
-)
+from worker.platform.db import DriverStatements, driver_statements, insert_ignoring_conflict
 from worker.polar.schemas import CustomerSeat, SeatsList
 
 # Columns Polar owns; `synced_at` and `gone_at` are ours.
@@ -445,7 +441,7 @@ class _Backend:
         raise NotImplementedError
 
     async def add_history(self, db: DriverStatements, rows: list[Row]) -> None:
-        raise NotImplementedError
+        await db.insert_rows("seat_change", _CHANGE_COLUMNS, rows)
 
 
 def _claim_sql(marks: Sequence[str]) -> str:
@@ -548,9 +544,6 @@ class _SQLite(_Backend):
     async def mark_gone(self, db: DriverStatements, ids: list[str], now: Any) -> None:
         await db.execute(self.gone_sql, (now, now, json.dumps(ids)))
 
-    async def add_history(self, db: DriverStatements, rows: list[Row]) -> None:
-        await db.insert_rows("seat_change", _CHANGE_COLUMNS, rows)
-
 
 class _PostgreSQL(_Backend):
     name = "postgresql"
@@ -636,9 +629,6 @@ class _PostgreSQL(_Backend):
 
     async def mark_gone(self, db: DriverStatements, ids: list[str], now: Any) -> None:
         await db.execute(self.gone_sql, (now, ids))
-
-    async def add_history(self, db: DriverStatements, rows: list[Row]) -> None:
-        await db.insert_rows("seat_change", _CHANGE_COLUMNS, rows)
 
 
 def _columns(rows: Sequence[Row], width: int) -> tuple[list[Any], ...]:
