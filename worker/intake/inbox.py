@@ -157,21 +157,23 @@ async def record_delivery(
     routed = routing_error is None
     # Database errors of routing propagate (the delivery is refused with 503, and retried).
     scopes = await routing.resolve(session, hint) if routed else []
-    values = (
-        webhook_id,
-        event_type[:64],
-        parse_event_timestamp(envelope.get("timestamp")),
-        payload,
-        now,
-        now if routed else None,
-        now if routed and not scopes else None,
-        "ignored" if routed and not scopes else None,
-        routing_error,
-    )
     # One statement decides new vs redelivery (the webhook-id is the primary key): a
     # concurrent twin loses here, not at commit. Driver statements: every webhook runs
     # this, and SQLAlchemy's ORM insert cost the receiver more than the rest of a request.
     db = await driver_statements(session)
+    event_at = parse_event_timestamp(envelope.get("timestamp"))
+    at = db.timestamp(now)
+    values = (
+        webhook_id,
+        event_type[:64],
+        None if event_at is None else db.timestamp(event_at),
+        payload,
+        at,
+        at if routed else None,
+        at if routed and not scopes else None,
+        "ignored" if routed and not scopes else None,
+        routing_error,
+    )
     if not await _insert_delivery(db, values, scopes):
         # A redelivery: answered without new work. Should its first receipt never have
         # reached Redis, the sweeper requests its sync.
@@ -183,18 +185,14 @@ _DELIVERY_COLUMNS = (
     "webhook_id, event_type, event_timestamp, payload, received_at, routed_at, "
     "processed_at, outcome, error"
 )
-_TIMESTAMPS_AT = (2, 4, 5, 6)  # positions of the timestamps in a delivery's values
 
 
 async def _insert_delivery(
-    db: DriverStatements, values: tuple[Any, ...], scopes: list[ScopeRef]
+    db: DriverStatements, stored: tuple[Any, ...], scopes: list[ScopeRef]
 ) -> bool:
-    """Insert the delivery and its scopes unless its webhook-id is known; True if new.
-    (Scope rows left from an earlier life of the webhook-id are kept, as before.)"""
-    stored = tuple(
-        db.timestamp(v) if i in _TIMESTAMPS_AT and v is not None else v
-        for i, v in enumerate(values)
-    )
+    """Insert the delivery (`_DELIVERY_COLUMNS`, values in storage form) and its scopes
+    unless its webhook-id is known; True if new. (Scope rows left from an earlier life of
+    the webhook-id are kept, as before.)"""
     if db.dialect == "sqlite":
         inserted = await db.fetch(
             f"INSERT INTO webhook_delivery ({_DELIVERY_COLUMNS}) "  # noqa: S608
@@ -207,7 +205,7 @@ async def _insert_delivery(
                 "INSERT INTO webhook_delivery_scope "
                 "(webhook_id, scope_kind, scope_id, received_at) VALUES (?1, ?2, ?3, ?4) "
                 "ON CONFLICT DO NOTHING",
-                [(values[0], ref.kind, ref.scope_id, stored[4]) for ref in scopes],
+                [(stored[0], ref.kind, ref.scope_id, stored[4]) for ref in scopes],
             )
         return bool(inserted)
     # PostgreSQL: both inserts in one statement (one round trip).

@@ -763,7 +763,7 @@ def _list_digest(body_digest: bytes | None, seat_digests: Iterable[bytes]) -> by
 
 
 def _same_as_stored(
-    seats: Sequence[CustomerSeat],
+    listed: dict[str, None],
     body_digest: bytes,
     stored_list_digest: bytes | None,
     stored: Sequence[Row],
@@ -776,7 +776,6 @@ def _same_as_stored(
     if stored_list_digest is None or stored_list_digest[: len(body_digest)] != body_digest:
         return False
     by_id = {row[0]: row for row in stored}
-    listed = dict.fromkeys(seat.id for seat in seats)
     digests: list[bytes] = []
     for seat_id in listed:
         row = by_id.get(seat_id)
@@ -849,12 +848,12 @@ async def reconcile_scope(
     # 3. Load the scope's digests: the very answer stored last changes nothing; otherwise
     # the rows themselves only where they may differ.
     stored_rows = await backend.load_digests(db, kind, scope_id)
-    if same_body is not None and _same_as_stored(
-        seats.seats, same_body, stored_list_digest, stored_rows
-    ):
-        result.unchanged = len(dict.fromkeys(seat.id for seat in seats.seats))
-        await answer_inbox()
-        return result
+    if same_body is not None:
+        listed = dict.fromkeys(seat.id for seat in seats.seats)
+        if _same_as_stored(listed, same_body, stored_list_digest, stored_rows):
+            result.unchanged = len(listed)
+            await answer_inbox()
+            return result
     fresh, digests = converted or _converted(backend, seats.seats)
     stored_digests: dict[str, bytes | None] = {}
     check: list[str] = []
