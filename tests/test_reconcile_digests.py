@@ -18,7 +18,14 @@ from sqlalchemy import select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlmodel import col
 
-from tests.support.reconcile import mirrored_seats, reconcile, seat_changes
+from tests.support.reconcile import (
+    EMAILS,
+    mirrored_seats,
+    reconcile,
+    row_states,
+    seat_changes,
+    subscription,
+)
 from worker.models import Seat
 from worker.polar.schemas import SeatsList
 from worker.resources import PolarResources
@@ -29,22 +36,21 @@ from worker.sync.verify import verify_scope
 
 Sessions = async_sessionmaker[AsyncSession]
 REPO = Path(__file__).resolve().parent.parent
-EMAILS = ("ann@example.com", "bo@example.com", "cy@example.com")
-
-
-def subscription(state: SimState, emails: tuple[str, ...] = EMAILS) -> str:
-    """A subscription of Polar's with one pending seat per address (metadata included)."""
-    scope_id = str(state.create_subscription(seats=len(emails) + 1)["id"])
-    for number, email in enumerate(emails):
-        state.assign(
-            subscription_id=scope_id, email=email, metadata={"team": "a", "number": number}
-        )
-    return scope_id
 
 
 def listing(state: SimState, scope_id: str) -> SeatsList:
     """The subscription's seats as Polar lists them now (in a shuffled order)."""
     return SeatsList.model_validate(state.list_seats(subscription_id=scope_id))
+
+
+async def mirrored_subscription(sessions: Sessions, seed: int) -> tuple[SimState, str, SeatsList]:
+    """A subscription (`subscription`) mirrored from one listing: (Polar's state, the
+    subscription's id, that listing)."""
+    state = SimState(seed=seed)
+    scope_id = subscription(state)
+    seats = listing(state, scope_id)
+    await reconcile(sessions, seats, scope_id=scope_id)
+    return state, scope_id, seats
 
 
 def without(seats: SeatsList, seat_id: str) -> SeatsList:
@@ -118,18 +124,13 @@ async def test_an_unchanged_resync_writes_nothing_and_keeps_every_digest(
     state = SimState(seed=2)
     scope_id = subscription(state)
     await reconcile(sessions, listing(state, scope_id), scope_id=scope_id)
-    rows_before = {
-        k: (v.synced_at, v.polar_digest) for k, v in (await mirrored_seats(sessions)).items()
-    }
+    rows_before = await row_states(sessions)
     history_before = len(await seat_changes(sessions))
 
     again = await reconcile(sessions, listing(state, scope_id), scope_id=scope_id)
 
     assert (again.written, again.unchanged, again.changes) == (0, len(EMAILS), [])
-    rows_after = {
-        k: (v.synced_at, v.polar_digest) for k, v in (await mirrored_seats(sessions)).items()
-    }
-    assert rows_after == rows_before
+    assert await row_states(sessions) == rows_before
     assert len(await seat_changes(sessions)) == history_before
 
 
@@ -147,10 +148,7 @@ async def test_an_unchanged_resync_writes_nothing_and_keeps_every_digest(
 async def test_a_hand_edit_is_overwritten_by_the_next_sync_which_restores_the_digest(
     sessions: Sessions, engine: AsyncEngine, column: str, value: Any
 ) -> None:
-    state = SimState(seed=3)
-    scope_id = subscription(state)
-    seats = listing(state, scope_id)
-    await reconcile(sessions, seats, scope_id=scope_id)
+    state, scope_id, seats = await mirrored_subscription(sessions, seed=3)
     seat_id = seat_by_email(seats, "bo@example.com")
     polar_value = getattr((await mirrored_seats(sessions))[seat_id], column)
 
@@ -184,10 +182,7 @@ async def test_a_row_changed_behind_the_guard_is_trusted_by_a_normal_sync(
     sessions: Sessions, engine: AsyncEngine
 ) -> None:
     # Documented: a digest that still matches is believed; `verify --repair` is the way out.
-    state = SimState(seed=4)
-    scope_id = subscription(state)
-    seats = listing(state, scope_id)
-    await reconcile(sessions, seats, scope_id=scope_id)
+    state, scope_id, seats = await mirrored_subscription(sessions, seed=4)
     seat_id = seat_by_email(seats, "ann@example.com")
     await edit_behind_the_guard(engine, seat_id, member_name="Hidden Edit")
 
@@ -201,10 +196,7 @@ async def test_a_row_changed_behind_the_guard_is_trusted_by_a_normal_sync(
 async def test_a_sync_that_does_not_trust_digests_repairs_a_row_changed_behind_the_guard(
     sessions: Sessions, engine: AsyncEngine
 ) -> None:
-    state = SimState(seed=5)
-    scope_id = subscription(state)
-    seats = listing(state, scope_id)
-    await reconcile(sessions, seats, scope_id=scope_id)
+    state, scope_id, seats = await mirrored_subscription(sessions, seed=5)
     seat_id = seat_by_email(seats, "ann@example.com")
     await edit_behind_the_guard(engine, seat_id, member_name="Hidden Edit", email="x@example.com")
     history_before = len(await seat_changes(sessions))
@@ -251,10 +243,7 @@ async def test_verify_repair_mends_a_row_changed_behind_the_guard(
 async def test_rows_stored_without_a_digest_get_one_and_nothing_else_is_written(
     sessions: Sessions, engine: AsyncEngine
 ) -> None:
-    state = SimState(seed=6)
-    scope_id = subscription(state)
-    seats = listing(state, scope_id)
-    await reconcile(sessions, seats, scope_id=scope_id)
+    state, scope_id, seats = await mirrored_subscription(sessions, seed=6)
     async with engine.begin() as conn:  # as the migration left every row
         await conn.execute(
             update(Seat).where(col(Seat.subscription_id) == scope_id).values(polar_digest=None)
@@ -278,10 +267,7 @@ async def test_metadata_stored_in_another_key_order_is_kept_and_only_its_digest_
 ) -> None:
     # PostgreSQL's json (and SQLite's text) keep the text as written: an earlier writer's
     # key order is the same value, so it is neither rewritten nor recorded as a change.
-    state = SimState(seed=7)
-    scope_id = subscription(state)
-    seats = listing(state, scope_id)
-    await reconcile(sessions, seats, scope_id=scope_id)
+    state, scope_id, seats = await mirrored_subscription(sessions, seed=7)
     seat_id = seat_by_email(seats, "bo@example.com")
     await edit_by_hand(engine, seat_id, seat_metadata={"number": 1, "team": "a"}, polar_digest=None)
     respelled = await stored_metadata_text(engine, seat_id)
@@ -345,10 +331,7 @@ async def test_a_revoke_in_polar_is_written_with_the_old_holder_and_a_new_digest
 async def test_a_renamed_member_is_written_without_history_and_with_a_new_digest(
     sessions: Sessions,
 ) -> None:
-    state = SimState(seed=10)
-    scope_id = subscription(state)
-    seats = listing(state, scope_id)
-    await reconcile(sessions, seats, scope_id=scope_id)
+    state, scope_id, seats = await mirrored_subscription(sessions, seed=10)
     seat_id = seat_by_email(seats, "ann@example.com")
     raw = state.list_seats(subscription_id=scope_id)
     for seat in raw["seats"]:
@@ -366,10 +349,7 @@ async def test_a_renamed_member_is_written_without_history_and_with_a_new_digest
 
 
 async def test_a_seat_that_left_the_list_is_marked_gone(sessions: Sessions) -> None:
-    state = SimState(seed=11)
-    scope_id = subscription(state)
-    seats = listing(state, scope_id)
-    await reconcile(sessions, seats, scope_id=scope_id)
+    state, scope_id, seats = await mirrored_subscription(sessions, seed=11)
     seat_id = seat_by_email(seats, "bo@example.com")
 
     result = await reconcile(
@@ -385,10 +365,7 @@ async def test_a_seat_that_left_the_list_is_marked_gone(sessions: Sessions) -> N
 async def test_a_seat_that_comes_back_unchanged_is_returned_although_its_digest_matches(
     sessions: Sessions,
 ) -> None:
-    state = SimState(seed=12)
-    scope_id = subscription(state)
-    seats = listing(state, scope_id)
-    await reconcile(sessions, seats, scope_id=scope_id)
+    state, scope_id, seats = await mirrored_subscription(sessions, seed=12)
     seat_id = seat_by_email(seats, "bo@example.com")
     await reconcile(sessions, without(listing(state, scope_id), seat_id), scope_id=scope_id)
     assert (await stored_digests(sessions))[seat_id] == polar_digests(seats)[seat_id]

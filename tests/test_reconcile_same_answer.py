@@ -16,21 +16,20 @@ from sqlalchemy import delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlmodel import col
 
-from tests.support.reconcile import mirrored_seats, reconcile, seat_changes
+from tests.support.reconcile import (
+    EMAILS,
+    mirrored_seats,
+    reconcile,
+    row_states,
+    seat_changes,
+    subscription,
+)
 from worker.models import Seat, SeatScope, utcnow
 from worker.polar.schemas import SeatsList
 from worker.simulator.state import SimState
 from worker.sync import reconcile as reconcile_module
 
 Sessions = async_sessionmaker[AsyncSession]
-EMAILS = ("ann@example.com", "bo@example.com", "cy@example.com")
-
-
-def subscription(state: SimState) -> str:
-    scope_id = str(state.create_subscription(seats=len(EMAILS) + 1)["id"])
-    for number, email in enumerate(EMAILS):
-        state.assign(subscription_id=scope_id, email=email, metadata={"n": number})
-    return scope_id
 
 
 def answer_body(state: SimState, scope_id: str) -> bytes:
@@ -65,10 +64,6 @@ async def stored_list_digest(sessions: Sessions, scope_id: str) -> bytes | None:
         )
         value = row.scalar_one()
         return None if value is None else bytes(value)
-
-
-async def row_states(sessions: Sessions) -> dict[str, tuple[Any, ...]]:
-    return {k: (v.synced_at, v.polar_digest) for k, v in (await mirrored_seats(sessions)).items()}
 
 
 async def loaded(sessions: Sessions, state: SimState) -> tuple[str, bytes]:

@@ -4,6 +4,7 @@ a sync job runs it, and the rows it leaves."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -12,7 +13,20 @@ from sqlmodel import col
 from worker.models import Seat, SeatChange
 from worker.platform.db import retry_transaction
 from worker.polar.schemas import SeatsList
+from worker.simulator.state import SimState
 from worker.sync.reconcile import ReconcileResult, reconcile_scope
+
+EMAILS = ("ann@example.com", "bo@example.com", "cy@example.com")
+
+
+def subscription(state: SimState, emails: tuple[str, ...] = EMAILS) -> str:
+    """A subscription of Polar's with one pending seat per address (metadata included)."""
+    scope_id = str(state.create_subscription(seats=len(emails) + 1)["id"])
+    for number, email in enumerate(emails):
+        state.assign(
+            subscription_id=scope_id, email=email, metadata={"team": "a", "number": number}
+        )
+    return scope_id
 
 
 async def reconcile(
@@ -57,3 +71,8 @@ async def seat_changes(
         query = query.where(col(SeatChange.seat_id) == seat_id)
     async with sessions() as session:
         return list((await session.execute(query)).scalars())
+
+
+async def row_states(sessions: async_sessionmaker[AsyncSession]) -> dict[str, tuple[Any, ...]]:
+    """Each seat row's (synced_at, polar_digest): what a sync that writes nothing keeps."""
+    return {k: (v.synced_at, v.polar_digest) for k, v in (await mirrored_seats(sessions)).items()}
